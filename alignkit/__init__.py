@@ -1,0 +1,3 @@
+"""alignkit: train language models from feedback."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,122 @@
+"""`alignkit <command>`: YAML config plus dotted overrides; every run writes one directory."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+from alignkit.algorithms import PREFERENCE_LOSSES, UNPAIRED_LOSSES
+from alignkit.config import ConfigError, apply_overrides, load_yaml
+from alignkit.registry import Registry
+
+COMMANDS = Registry("command")
+console = Console()
+
+
+def _loss_table() -> str:
+    lines = ["paired losses (comparison data):"]
+    lines += [f"  {e.name:<9} {e.summary}  [{e.paper}]" for e in PREFERENCE_LOSSES]
+    lines += ["unpaired losses (rating data; bco takes either, data.kind=rating for ratings):"]
+    lines += [f"  {e.name:<9} {e.summary}  [{e.paper}]" for e in UNPAIRED_LOSSES]
+    return "\n".join(lines)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--model", help='model: "tiny", a local directory, or a hub id')
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value",
+                        help="dotted overrides, e.g. train.lr=1e-4 data.train=pairs.jsonl")
+
+
+def _resolve(args, extra: dict | None = None) -> dict:
+    from alignkit.train.rundir import RunDir
+
+    if args.resume:
+        data = RunDir(args.resume).read_config()
+        data.pop("command", None)
+        return data
+    data = load_yaml(args.config) if args.config else {}
+    for key, value in (extra or {}).items():
+        if value is not None:
+            data = apply_overrides(data, [f"{key}={value}"])
+    return apply_overrides(data, args.overrides)
+
+
+def summary_table(title: str, rows: dict[str, float]) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in rows.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    return table
+
+
+def _run_training(command: str, args, extra: dict | None = None) -> int:
+    from alignkit.train import config_from, train
+
+    cfg = config_from(_resolve(args, extra))
+    result = train(cfg, command, resume=args.resume)
+    console.print(f"run directory: {result.run.path}")
+    rows = {k: v for k, v in result.metrics.items() if not k.startswith("eval/reward_margin")}
+    console.print(summary_table(f"alignkit {command}: final evaluation", rows))
+    return 0
+
+
+@COMMANDS.register("sft", summary="supervised fine-tuning on demonstrations")
+def cmd_sft(args) -> int:
+    return _run_training("sft", args, {"model.name": args.model})
+
+
+@COMMANDS.register("preference", summary="offline preference training with any registered loss")
+def cmd_preference(args) -> int:
+    return _run_training("preference", args, {"model.name": args.model, "loss.name": args.loss})
+
+
+@COMMANDS.register("dpo", summary="alias of `preference` (default loss dpo)")
+def cmd_dpo(args) -> int:
+    return cmd_preference(args)
+
+
+@COMMANDS.register("demo", summary="SFT then DPO on the built-in task; held-out preference accuracy")
+def cmd_demo(args) -> int:
+    from alignkit.demo import run_demo
+
+    results = run_demo(quick=args.quick, output_dir=args.output_dir)
+    console.print(summary_table("held-out preference accuracy (chance = 0.5)", results))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alignkit", description="Train language models from feedback.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for entry in COMMANDS:
+        p = sub.add_parser(entry.name, help=entry.summary, description=entry.summary,
+                           epilog=_loss_table() if entry.name in ("preference", "dpo") else None,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if entry.name == "demo":
+            p.add_argument("--quick", action="store_true", help="a one-minute version")
+            p.add_argument("--output-dir", default="runs")
+            continue
+        _common(p)
+        if entry.name in ("preference", "dpo"):
+            p.add_argument("--loss", default="dpo" if entry.name == "dpo" else None,
+                           help="loss name (see the list below)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS.get(args.command).fn(args)
+    except (ConfigError, KeyError, TypeError, ValueError, FileNotFoundError, RuntimeError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        console.print(f"[red]error:[/red] {message}", highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Per-token log-probabilities of given tokens, without a float32 [batch, time, vocab] tensor.
+
+The language-model head is applied only at the positions whose next token is scored (completion
+tokens), in chunks of rows; the backward pass recomputes each chunk's softmax instead of keeping
+the logits. Peak extra memory is one chunk of [rows, vocab] instead of the whole batch's logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+CHUNK_BYTES = 8 * 2**20  # float32 logits held at once per chunk
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(1, CHUNK_BYTES // (4 * vocab))
+
+
+def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    logits = hidden @ weight.to(hidden.dtype).T
+    if bias is not None:
+        logits = logits + bias.to(hidden.dtype)
+    return logits.float()
+
+
+class _TokenLogprob(torch.autograd.Function):
+    """log softmax(hidden @ W.T + b)[target] row by row, chunked in forward and backward."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        step = _chunk_rows(weight.shape[0])
+        for start in range(0, hidden.shape[0], step):
+            logits = _chunk_logits(hidden[start:start + step], weight, bias)
+            picked = logits.gather(1, targets[start:start + step, None]).squeeze(1)
+            out[start:start + step] = picked - logits.logsumexp(dim=1)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
+        step = _chunk_rows(weight.shape[0])
+        for start in range(0, hidden.shape[0], step):
+            rows = slice(start, start + step)
+            logits = _chunk_logits(hidden[rows], weight, bias)
+            # d/dlogits of log softmax[target] = onehot(target) - softmax
+            grad_logits = torch.softmax(logits, dim=1).mul_(-grad_out[rows, None])
+            grad_logits.scatter_add_(1, targets[rows, None], grad_out[rows, None])
+            grad_hidden[rows] = (grad_logits @ weight.float()).to(hidden.dtype)
+            grad_weight.addmm_(grad_logits.T, hidden[rows].float())
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
+        return grad_hidden, grad_weight.to(weight.dtype), grad_bias, None
+
+
+def _base_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """The decoder trunk and linear LM head, or None when the head is not a plain Linear."""
+    config = getattr(model, "config", None)
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if base is None or not isinstance(head, nn.Linear):
+        return None
+    return base, head
+
+
+def token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                   score_mask: Tensor) -> Tensor:
+    """log pi(input_ids[t] | input_ids[<t]) at positions where score_mask is 1, else 0: [B, T].
+
+    `score_mask` marks the tokens to score (completion tokens); the first position is never scored.
+    """
+    parts = _base_and_head(model)
+    if parts is None:
+        return naive_token_logprobs(model, input_ids, attention_mask, score_mask)
+    base, head = parts
+    hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    scored = score_mask[:, 1:].bool()
+    rows = _TokenLogprob.apply(hidden[:, :-1][scored], head.weight, head.bias, input_ids[:, 1:][scored])
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    out[:, 1:][scored] = rows
+    return out
+
+
+def naive_token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                         score_mask: Tensor) -> Tensor:
+    """The plain way: full float32 logits for the whole batch, then log_softmax and gather."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    picked = logits.log_softmax(-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+    out[:, 1:] = picked * score_mask[:, 1:]
+    return out
+
+
+def sequence_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                      score_mask: Tensor) -> Tensor:
+    """Summed log-probs of the scored tokens of each sequence: [B]."""
+    return token_logprobs(model, input_ids, attention_mask, score_mask).sum(1)

@@ -1,0 +1,86 @@
+"""A letter-substitution task with a hidden key: the gold rule the learner never sees.
+
+Prompt "cabd=" asks for each letter mapped through a secret permutation of the alphabet.
+The gold reward is the fraction of positions answered correctly (0 when the length is wrong).
+Rejected answers are hard negatives: the right answer with one or two letters changed.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from alignkit.data.records import Comparison, Demonstration, PromptRecord, Rating
+
+ALPHABET = "abcdefgh"
+
+
+@dataclass
+class CipherTask:
+    key_seed: int = 1234
+    min_letters: int = 3
+    max_letters: int = 6
+
+    def __post_init__(self):
+        shuffled = random.Random(self.key_seed).sample(ALPHABET, len(ALPHABET))
+        self._key = dict(zip(ALPHABET, shuffled, strict=True))
+
+    def answer(self, prompt: str) -> str:
+        return "".join(self._key[c] for c in prompt.rstrip("="))
+
+    def gold_reward(self, prompt: str, completion: str) -> float:
+        truth, guess = self.answer(prompt), completion.strip()
+        if len(guess) != len(truth):
+            return 0.0
+        return sum(a == b for a, b in zip(truth, guess, strict=True)) / len(truth)
+
+    def _prompt(self, rng: random.Random) -> str:
+        n = rng.randint(self.min_letters, self.max_letters)
+        return "".join(rng.choice(ALPHABET) for _ in range(n)) + "="
+
+    def _corrupt(self, answer: str, rng: random.Random) -> str:
+        letters = list(answer)
+        for pos in rng.sample(range(len(letters)), k=min(len(letters), rng.randint(1, 2))):
+            letters[pos] = rng.choice([c for c in ALPHABET if c != letters[pos]])
+        return "".join(letters)
+
+    def demonstrations(self, n: int, seed: int = 0) -> list[Demonstration]:
+        rng = random.Random(seed)
+        prompts = [self._prompt(rng) for _ in range(n)]
+        return [Demonstration(p, self.answer(p), index=i, origin=f"cipher:{i}")
+                for i, p in enumerate(prompts)]
+
+    def comparisons(self, n: int, seed: int = 0, flip_rate: float = 0.0
+                    ) -> tuple[list[Comparison], list[bool]]:
+        """Pairs (right answer, corrupted answer); a `flip_rate` share get their labels swapped.
+
+        Returns the pairs and, per pair, whether its label was flipped (the ground truth of noise).
+        """
+        rng = random.Random(seed)
+        pairs, flipped = [], []
+        for i in range(n):
+            prompt = self._prompt(rng)
+            good = self.answer(prompt)
+            bad = self._corrupt(good, rng)
+            flip = rng.random() < flip_rate
+            chosen, rejected = (bad, good) if flip else (good, bad)
+            pairs.append(Comparison(prompt, chosen, rejected, index=i, origin=f"cipher:{i}"))
+            flipped.append(flip)
+        return pairs, flipped
+
+    def ratings(self, n: int, seed: int = 0) -> list[Rating]:
+        """Half right answers labelled desirable, half corrupted ones labelled undesirable."""
+        rng = random.Random(seed)
+        records = []
+        for i in range(n):
+            prompt = self._prompt(rng)
+            good = rng.random() < 0.5
+            answer = self.answer(prompt)
+            completion = answer if good else self._corrupt(answer, rng)
+            records.append(Rating(prompt, completion, good, index=i, origin=f"cipher:{i}"))
+        return records
+
+    def prompts(self, n: int, seed: int = 0) -> list[PromptRecord]:
+        rng = random.Random(seed)
+        return [PromptRecord(p, self.answer(p), index=i, origin=f"cipher:{i}")
+                for i, p in enumerate(self._prompt(rng) for _ in range(n))]

@@ -1,0 +1,280 @@
+"""Training objectives: how one micro-batch of examples becomes a summed loss.
+
+An objective owns its tokenized examples (per split), the cached reference log-probs, and any
+loss state (BCO's running reward shift, R3M's per-pair outliers). The trainer divides each
+micro-batch's summed loss by `count(step_examples)`, the normaliser of the whole optimizer step,
+so gradient accumulation reproduces the full-batch gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from alignkit.algorithms import (
+    PREFERENCE_LOSSES,
+    UNPAIRED_LOSSES,
+    kto_reference_point,
+    needs_reference,
+    preference_loss,
+    r3m_delta,
+    sft_loss,
+    unpaired_loss,
+)
+from alignkit.data.tokenize import Encoded, collate
+from alignkit.models.logprobs import token_logprobs
+from alignkit.registry import Registry
+
+OBJECTIVES = Registry("objective")
+
+
+@dataclass(frozen=True)
+class PairExample:
+    chosen: Encoded
+    rejected: Encoded
+
+    def __len__(self) -> int:
+        return len(self.chosen) + len(self.rejected)
+
+
+@dataclass(frozen=True)
+class RatedExample:
+    encoded: Encoded
+    mismatched: Encoded  # this prompt with another example's completion (KTO's KL estimate)
+    label: bool
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+
+def score(model, encoded: list[Encoded], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Summed completion log-probs [n] and completion lengths [n] for a list of sequences."""
+    device = next(model.parameters()).device
+    batch = collate(encoded, pad_id).to(device)
+    token_lp = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.score_mask)
+    return token_lp.sum(1), batch.lengths
+
+
+class RunningShift:
+    """BCO's reward shift delta: the running mean of every reward beta*h seen so far."""
+
+    def __init__(self):
+        self.total, self.count, self.pending = 0.0, 0, []
+
+    @property
+    def value(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+    def observe(self, rewards: Tensor) -> None:
+        self.pending.append(rewards.detach().float().cpu())
+
+    def end_step(self) -> None:
+        if self.pending:
+            seen = torch.cat(self.pending)
+            self.total += seen.sum().item()
+            self.count += seen.numel()
+            self.pending = []
+
+    def state_dict(self) -> dict:
+        return {"total": self.total, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total, self.count = state["total"], state["count"]
+
+
+class Objective:
+    """Shared plumbing; subclasses define `count`, `loss_sum` and what reference they need.
+
+    Methods that take `examples` get a list of (index within the split, example) pairs.
+    """
+
+    uses_reference = False
+
+    def __init__(self, splits: dict[str, list], pad_id: int, options: dict):
+        self.splits, self.pad_id, self.options = splits, pad_id, dict(options)
+        self.reference: dict[str, Tensor] = {}
+
+    def step_stats(self, model, examples: list) -> dict:
+        return {}
+
+    def end_step(self) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def reference_sequences(self, example) -> list[Encoded]:
+        return []
+
+    @torch.no_grad()
+    def compute_reference(self, model, split: str, batch_size: int) -> Tensor:
+        """Reference log-probs for every example of a split: [n_examples, sequences per example]."""
+        examples = self.splits[split]
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+        out = None
+        for start in range(0, len(order), batch_size):
+            ids = order[start:start + batch_size]
+            seqs = [s for i in ids for s in self.reference_sequences(examples[i])]
+            lp, _ = score(model, seqs, self.pad_id)
+            lp = lp.view(len(ids), -1).cpu()
+            if out is None:
+                out = torch.zeros(len(examples), lp.shape[1])
+            out[ids] = lp
+        return out
+
+
+@OBJECTIVES.register("sft", summary="negative log-likelihood of demonstrations")
+class SFTObjective(Objective):
+    def count(self, examples: list) -> int:
+        return sum(len(e.completion) for _, e in examples)
+
+    def loss_sum(self, model, examples: list, split: str, stats: dict, train: bool):
+        lp, lengths = score(model, [e for _, e in examples], self.pad_id)
+        loss = -lp.sum()
+        return loss, {"loss": loss.detach(), "tokens": lengths.sum()}
+
+
+@OBJECTIVES.register("paired", summary="offline preference losses on (prompt, chosen, rejected)")
+class PairedObjective(Objective):
+    def __init__(self, splits, pad_id, options):
+        super().__init__(splits, pad_id, options)
+        self.loss_name = self.options.pop("name", "dpo")
+        entry = PREFERENCE_LOSSES.get(self.loss_name)
+        self.loss_config = {k: v for k, v in self.options.items()}
+        self.uses_reference = needs_reference(self.loss_name, **self.loss_config)
+        self.beta = float(self.loss_config.get("beta", entry.defaults().get("beta", 0.1)))
+        self.shift = RunningShift() if self.loss_name == "bco" else None
+        n_train = len(splits["train"])
+        self.outliers = torch.zeros(n_train) if self.loss_name == "r3m_dpo" else None
+
+    def reference_sequences(self, example: PairExample) -> list[Encoded]:
+        return [example.chosen, example.rejected]
+
+    def count(self, examples: list) -> int:
+        return len(examples)
+
+    def _extra_config(self, margin: Tensor, ids: list[int], train: bool) -> dict:
+        if self.shift is not None:
+            return {"delta": self.shift.value}
+        if self.outliers is not None:
+            lam = self.loss_config.get("lam", self.loss_config.get("lambda", 0.75))
+            delta = r3m_delta(margin, beta=self.beta, lam=lam)
+            if train:
+                self.outliers[ids] = delta.cpu()
+            return {"delta": delta}
+        return {}
+
+    def loss_sum(self, model, examples: list, split: str, stats: dict, train: bool):
+        ids = [i for i, _ in examples]
+        seqs = [s for _, e in examples for s in (e.chosen, e.rejected)]
+        lp, lengths = score(model, seqs, self.pad_id)
+        lp_w, lp_l, len_w, len_l = lp[0::2], lp[1::2], lengths[0::2], lengths[1::2]
+        ref_w = ref_l = None
+        if self.uses_reference:
+            ref = self.reference[split][ids].to(lp.device)
+            ref_w, ref_l = ref[:, 0], ref[:, 1]
+        h_w, h_l = (lp_w - ref_w, lp_l - ref_l) if ref_w is not None else (lp_w, lp_l)
+        margin = (h_w - h_l).detach()
+        config = {**self.loss_config, **self._extra_config(margin, ids, train)}
+        losses = preference_loss(self.loss_name, chosen_logps=lp_w, rejected_logps=lp_l,
+                                 ref_chosen_logps=ref_w, ref_rejected_logps=ref_l,
+                                 chosen_lengths=len_w, rejected_lengths=len_l, **config)
+        if self.shift is not None and train:
+            self.shift.observe(self.beta * torch.cat([h_w, h_l]))
+        avg_w, avg_l = (lp_w / len_w.clamp(min=1)).detach(), (lp_l / len_l.clamp(min=1)).detach()
+        metrics = {
+            "loss": losses.detach().sum(),
+            "reward_accuracy": (margin > 0).float().sum(),
+            "reward_margin": self.beta * margin.sum(),
+            "preference_accuracy": (avg_w > avg_l).float().sum(),
+            "chosen_logps": lp_w.detach().sum(),
+            "rejected_logps": lp_l.detach().sum(),
+        }
+        return losses.sum(), metrics
+
+    def end_step(self) -> None:
+        if self.shift is not None:
+            self.shift.end_step()
+
+    def state_dict(self) -> dict:
+        state = {}
+        if self.shift is not None:
+            state["shift"] = self.shift.state_dict()
+        if self.outliers is not None:
+            state["outliers"] = self.outliers.clone()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.shift is not None:
+            self.shift.load_state_dict(state["shift"])
+        if self.outliers is not None:
+            self.outliers = state["outliers"].clone()
+
+    def outlier_report(self, threshold: float = 0.0) -> list[dict]:
+        """R3M: pairs with delta above `threshold`, most suspicious first."""
+        if self.outliers is None:
+            return []
+        flagged = (self.outliers > threshold).nonzero().flatten().tolist()
+        return sorted(({"index": i, "delta": float(self.outliers[i])} for i in flagged),
+                      key=lambda r: -r["delta"])
+
+
+@OBJECTIVES.register("unpaired", summary="KTO / BCO on (prompt, completion, thumbs up/down)")
+class UnpairedObjective(Objective):
+    def __init__(self, splits, pad_id, options):
+        super().__init__(splits, pad_id, options)
+        self.loss_name = self.options.pop("name", "kto")
+        UNPAIRED_LOSSES.get(self.loss_name)
+        self.loss_config = dict(self.options)
+        self.beta = float(self.loss_config.get("beta", 0.1))
+        self.uses_reference = True
+        self.shift = RunningShift() if self.loss_name == "bco" else None
+
+    def reference_sequences(self, example: RatedExample) -> list[Encoded]:
+        return [example.encoded, example.mismatched]
+
+    def count(self, examples: list) -> int:
+        return len(examples)
+
+    @torch.no_grad()
+    def _kl_point(self, model, examples: list, split: str) -> Tensor:
+        ids = [i for i, _ in examples]
+        lp, _ = score(model, [e.mismatched for _, e in examples], self.pad_id)
+        return kto_reference_point(lp, self.reference[split][ids, 1].to(lp.device))
+
+    def step_stats(self, model, examples: list) -> dict:
+        if self.loss_name == "kto":
+            return {"reference_point": self._kl_point(model, examples, "train")}
+        return {"delta": self.shift.value} if self.shift is not None else {}
+
+    def loss_sum(self, model, examples: list, split: str, stats: dict, train: bool):
+        ids = [i for i, _ in examples]
+        lp, _ = score(model, [e.encoded for _, e in examples], self.pad_id)
+        ref = self.reference[split][ids, 0].to(lp.device)
+        labels = torch.tensor([e.label for _, e in examples], device=lp.device)
+        if not stats and self.loss_name == "kto":
+            stats = {"reference_point": self._kl_point(model, examples, split)}
+        losses = unpaired_loss(self.loss_name, logps=lp, ref_logps=ref, labels=labels,
+                               **self.loss_config, **stats)
+        h = (lp - ref).detach()
+        if self.shift is not None and train:
+            self.shift.observe(self.beta * h)
+        metrics = {"loss": losses.detach().sum(), "label_accuracy": ((h > 0) == labels).float().sum(),
+                   "reward": self.beta * h.sum()}
+        return losses.sum(), metrics
+
+    def end_step(self) -> None:
+        if self.shift is not None:
+            self.shift.end_step()
+
+    def state_dict(self) -> dict:
+        return {"shift": self.shift.state_dict()} if self.shift is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.shift is not None:
+            self.shift.load_state_dict(state["shift"])

@@ -1,0 +1,156 @@
+"""From a config to a finished run: load data and models, build the objective, train, report.
+
+`train(config)` is the one entry point behind `alignkit sft` and `alignkit preference`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alignkit.algorithms import PREFERENCE_LOSSES, UNPAIRED_LOSSES
+from alignkit.config import build, to_dict
+from alignkit.data.loaders import load_records
+from alignkit.data.tokenize import Encoder, TokenizeConfig
+from alignkit.models.loading import ModelConfig, load_model_and_tokenizer
+from alignkit.registry import Registry
+from alignkit.tasks import TASKS
+from alignkit.train.objectives import OBJECTIVES, PairExample, RatedExample
+from alignkit.train.rundir import RunDir
+from alignkit.train.trainer import TrainConfig, Trainer
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None         # file, saved dataset directory or hub id; None: built-in task
+    eval: str | None = None
+    eval_fraction: float = 0.1       # held out of `train` when no `eval` is given
+    split: str = "train"
+    kind: str | None = None          # "rating" trains kto/bco on thumbs up/down; default from the loss
+    columns: dict | None = None      # our field name -> column name in the data
+    on_error: str = "raise"          # or "skip": drop bad records, report their count and examples
+    task: str = "cipher"             # built-in task used when `train` is empty
+    task_size: int = 1000
+    eval_size: int = 200
+    flip_rate: float = 0.0           # built-in comparisons: share of labels swapped (noise)
+    seed: int = 0
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    reference: str | None = None     # separate reference model; default: the initial policy
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: dict = field(default_factory=lambda: {"name": "dpo"})
+    output_dir: str = "runs"
+    run_name: str | None = None
+
+
+@dataclass
+class RunResult:
+    run: RunDir
+    metrics: dict
+    initial_metrics: dict
+    model: object
+    tokenizer: object
+    trainer: Trainer
+
+
+# ----- data: which record kind each objective reads, and how records become examples -----
+OBJECTIVE_DATA = Registry("objective data")
+
+
+@OBJECTIVE_DATA.register("sft", kind="demonstration")
+def _demo_examples(records, encoder: Encoder) -> list:
+    return [encoder.encode(r.prompt, r.completion) for r in records]
+
+
+@OBJECTIVE_DATA.register("paired", kind="comparison")
+def _pair_examples(records, encoder: Encoder) -> list:
+    return [PairExample(encoder.encode(r.prompt, r.chosen), encoder.encode(r.prompt, r.rejected))
+            for r in records]
+
+
+@OBJECTIVE_DATA.register("unpaired", kind="rating")
+def _rated_examples(records, encoder: Encoder) -> list:
+    shifted = records[1:] + records[:1]  # prompt i with completion i+1: KTO's mismatched pairs
+    return [RatedExample(encoder.encode(r.prompt, r.completion), encoder.encode(r.prompt, o.completion),
+                         r.label) for r, o in zip(records, shifted, strict=True)]
+
+
+def _task_records(cfg: DataConfig, kind: str) -> tuple[list, list]:
+    task = TASKS.get(cfg.task).fn()
+    makers = {
+        "demonstration": lambda n, seed: task.demonstrations(n, seed),
+        "comparison": lambda n, seed: task.comparisons(n, seed, cfg.flip_rate if seed == cfg.seed else 0)[0],
+        "rating": lambda n, seed: task.ratings(n, seed),
+    }
+    make = makers[kind]
+    return make(cfg.task_size, cfg.seed), make(cfg.eval_size, cfg.seed + 10_000)
+
+
+def load_splits(cfg: DataConfig, kind: str) -> tuple[list, list, list[str]]:
+    """Train and eval records of one kind, and the data files used (for the manifest)."""
+    if cfg.train is None:
+        train, evaluation = _task_records(cfg, kind)
+        return train, evaluation, []
+    loaded = load_records(cfg.train, kind, columns=cfg.columns, on_error=cfg.on_error, split=cfg.split)
+    if loaded.skipped:
+        print(loaded.summary())
+    train, files = loaded.records, [cfg.train]
+    if cfg.eval:
+        evaluation = load_records(cfg.eval, kind, columns=cfg.columns, on_error=cfg.on_error).records
+        files.append(cfg.eval)
+    else:
+        shuffled = random.Random(cfg.seed).sample(train, len(train))
+        n_eval = int(len(train) * cfg.eval_fraction)
+        evaluation, train = shuffled[:n_eval], shuffled[n_eval:]
+    return train, evaluation, files
+
+
+def objective_name(cfg: RunConfig, command: str) -> str:
+    if command == "sft":
+        return "sft"
+    loss = cfg.loss.get("name", "dpo")
+    if loss in UNPAIRED_LOSSES and (cfg.data.kind == "rating" or loss not in PREFERENCE_LOSSES):
+        return "unpaired"
+    PREFERENCE_LOSSES.get(loss)  # raises with the list of known losses
+    return "paired"
+
+
+def train(cfg: RunConfig, command: str = "preference", resume: str | Path | None = None,
+          model=None, tokenizer=None) -> RunResult:
+    """Run one training job end to end and return its run directory and final metrics."""
+    run = RunDir(resume) if resume else RunDir.create(cfg.output_dir, command, cfg.run_name)
+    name = objective_name(cfg, command)
+    data = OBJECTIVE_DATA.get(name)
+    train_records, eval_records, files = load_splits(cfg.data, data.meta["kind"])
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(cfg.model)
+    encoder = Encoder(tokenizer, cfg.data.tokenize)
+    splits = {"train": data.fn(train_records, encoder), "eval": data.fn(eval_records, encoder)}
+    options = dict(cfg.loss) if name != "sft" else {}
+    objective = OBJECTIVES.get(name).fn(splits, tokenizer.pad_token_id, options)
+    if not resume:
+        run.write_config({"command": command, **to_dict(cfg)})
+        run.write_manifest(cfg.train.seed, files)
+    run.log({"step": 0, "event": "data", "train_examples": len(splits["train"]),
+             "eval_examples": len(splits["eval"]), "truncated": encoder.truncated})
+    reference = None
+    if cfg.reference and objective.uses_reference:
+        reference, _ = load_model_and_tokenizer(build(ModelConfig, {"name": cfg.reference}))
+    trainer = Trainer(model, tokenizer, objective, cfg.train, run, reference_model=reference)
+    metrics = trainer.fit(resume=bool(resume))
+    report = getattr(objective, "outlier_report", None)
+    if report is not None and objective.outliers is not None:
+        rows = report()
+        run.write_json("r3m_outliers.json", rows)
+        metrics["r3m/flagged"] = len(rows)
+    return RunResult(run, metrics, trainer.initial_metrics, model, tokenizer, trainer)
+
+
+def config_from(data: dict) -> RunConfig:
+    return build(RunConfig, data)

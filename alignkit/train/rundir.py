@@ -1,0 +1,100 @@
+"""A run directory: resolved config, manifest, metrics.jsonl, checkpoints, reports."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+PACKAGES = ("alignkit", "torch", "transformers", "safetensors", "numpy", "peft", "datasets")
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _data_hashes(paths: list[str]) -> dict[str, str]:
+    hashes = {}
+    for p in map(Path, paths):
+        if p.is_file():
+            hashes[str(p)] = file_sha256(p)
+        elif p.is_dir():
+            for f in sorted(q for q in p.rglob("*") if q.is_file()):
+                hashes[str(f)] = file_sha256(f)
+    return hashes
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def create(cls, root: str | Path, command: str, name: str | None = None) -> RunDir:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = Path(root) / (name or f"{command}-{stamp}")
+        path, n = base, 1
+        while path.exists():
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+        return cls(path)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def write_config(self, config: dict) -> None:
+        (self.path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def read_config(self) -> dict:
+        return yaml.safe_load((self.path / "config.yaml").read_text())
+
+    def write_manifest(self, seed: int, data_files: list[str]) -> None:
+        manifest = {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "argv": sys.argv,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "packages": {name: _version(name) for name in PACKAGES},
+            "seed": seed,
+            "data": _data_hashes(data_files),
+        }
+        (self.path / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+    def log(self, record: dict) -> None:
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop metric lines past `after_step` (written before a kill, replayed on resume)."""
+        path = self.path / "metrics.jsonl"
+        if path.exists():
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= after_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+
+    def metrics(self) -> list[dict]:
+        path = self.path / "metrics.jsonl"
+        return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+
+    def write_json(self, name: str, data) -> Path:
+        path = self.path / name
+        path.write_text(json.dumps(data, indent=2))
+        return path
