@@ -160,7 +160,13 @@ def nll(x: PairedInputs) -> Tensor:
 @register("rpo", summary="DPO plus eta times the length-normalised NLL of the chosen answer",
           paper="Liu et al. 2024, arXiv 2405.16436")
 def rpo(x: PairedInputs, *, beta: float = 0.01, eta: float = 0.005) -> Tensor:
-    return dpo(x, beta=beta) + eta * nll(x)
+    lw, _ = x.lengths("rpo")
+    return -F.logsigmoid(beta * x.margin("rpo")) - eta * x.lp_w / lw
+
+
+def _check_lam(lam: float) -> None:
+    if not 0 < lam < 1:
+        raise ValueError("r3m needs 0 < lambda < 1")
 
 
 def r3m_delta(margin: Tensor, *, beta: float = 0.1, lam: float = 0.75) -> Tensor:
@@ -169,8 +175,7 @@ def r3m_delta(margin: Tensor, *, beta: float = 0.1, lam: float = 0.75) -> Tensor
     R3M (Bukharin et al. 2024, arXiv 2406.15568, eq. 3.4 and the DPO extension): minimising
     -log sigma(beta*margin + delta) + lam*|delta| over delta >= 0 for a fixed model.
     """
-    if not 0 < lam < 1:
-        raise ValueError("r3m needs 0 < lambda < 1")
+    _check_lam(lam)
     return torch.clamp(math.log(1 / lam - 1) - beta * margin.detach(), min=0)
 
 
@@ -179,6 +184,7 @@ def r3m_delta(margin: Tensor, *, beta: float = 0.1, lam: float = 0.75) -> Tensor
 def r3m_dpo(x: PairedInputs, *, beta: float = 0.1, lam: float = 0.75,
             delta: Tensor | None = None) -> Tensor:
     """Alternating R3M step: delta from the closed form (or given), then the loss with delta fixed."""
+    _check_lam(lam)
     margin = x.margin("r3m_dpo")
     if delta is None:
         delta = r3m_delta(margin, beta=beta, lam=lam)
@@ -191,6 +197,9 @@ def mix(x: PairedInputs, *, weights: dict[str, float] | None = None, **shared) -
     """Each part gets the shared config keys its signature takes (beta, gamma, ...)."""
     if not weights:
         raise ValueError("loss 'mix' needs weights={loss_name: weight, ...}")
+    accepted = {k for part in weights for k in PREFERENCE_LOSSES.get(part).defaults()}
+    if set(shared) - accepted:
+        raise TypeError(f"loss 'mix' parts {sorted(weights)} take no option(s) {sorted(set(shared) - accepted)}")
     total = 0.0
     for part, weight in weights.items():
         if part == "mix":

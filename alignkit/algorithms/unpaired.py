@@ -37,8 +37,8 @@ def kto(h: Tensor, labels: Tensor, *, beta: float = 0.1, desirable_weight: float
         undesirable_weight: float = 1.0, reference_point: float | Tensor = 0.0) -> Tensor:
     z0 = torch.as_tensor(reference_point, dtype=h.dtype)
     value = torch.where(labels, torch.sigmoid(beta * (h - z0)), torch.sigmoid(beta * (z0 - h)))
-    weight = torch.where(labels, torch.tensor(desirable_weight), torch.tensor(undesirable_weight))
-    return weight.to(h.dtype) * (1 - value)
+    weight = torch.where(labels, h.new_tensor(desirable_weight), h.new_tensor(undesirable_weight))
+    return weight * (1 - value)
 
 
 @register("bco", summary="binary classifier of reward beta*h against a running shift delta",
