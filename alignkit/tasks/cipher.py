@@ -69,14 +69,18 @@ class CipherTask:
         return pairs, flipped
 
     def ratings(self, n: int, seed: int = 0) -> list[Rating]:
-        """Half right answers labelled desirable, half corrupted ones labelled undesirable."""
+        """Half right answers labelled desirable, half random letter strings labelled undesirable.
+
+        Unpaired labels carry no contrast within a prompt, so the bad answers are plainly wrong
+        rather than the near-misses the paired data uses.
+        """
         rng = random.Random(seed)
         records = []
         for i in range(n):
             prompt = self._prompt(rng)
             good = rng.random() < 0.5
             answer = self.answer(prompt)
-            completion = answer if good else self._corrupt(answer, rng)
+            completion = answer if good else "".join(rng.choice(ALPHABET) for _ in answer)
             records.append(Rating(prompt, completion, good, index=i, origin=f"cipher:{i}"))
         return records
 

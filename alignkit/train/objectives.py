@@ -247,24 +247,29 @@ class UnpairedObjective(Objective):
         lp, _ = score(model, [e.mismatched for _, e in examples], self.pad_id)
         return kto_reference_point(lp, self.reference[split][ids, 1].to(lp.device))
 
-    def step_stats(self, model, examples: list) -> dict:
+    def _stats(self, model, examples: list, split: str) -> dict:
         if self.loss_name == "kto":
-            return {"reference_point": self._kl_point(model, examples, "train")}
+            return {"reference_point": self._kl_point(model, examples, split)}
         return {"delta": self.shift.value} if self.shift is not None else {}
+
+    def step_stats(self, model, examples: list) -> dict:
+        return self._stats(model, examples, "train")
 
     def loss_sum(self, model, examples: list, split: str, stats: dict, train: bool):
         ids = [i for i, _ in examples]
         lp, _ = score(model, [e.encoded for _, e in examples], self.pad_id)
         ref = self.reference[split][ids, 0].to(lp.device)
         labels = torch.tensor([e.label for _, e in examples], device=lp.device)
-        if not stats and self.loss_name == "kto":
-            stats = {"reference_point": self._kl_point(model, examples, split)}
+        stats = stats or self._stats(model, examples, split)
         losses = unpaired_loss(self.loss_name, logps=lp, ref_logps=ref, labels=labels,
                                **self.loss_config, **stats)
         h = (lp - ref).detach()
         if self.shift is not None and train:
             self.shift.observe(self.beta * h)
-        metrics = {"loss": losses.detach().sum(), "label_accuracy": ((h > 0) == labels).float().sum(),
+        # The loss's own decision boundary: h above KTO's z0, or beta*h above BCO's shift.
+        boundary = stats.get("reference_point", 0.0) * self.beta + stats.get("delta", 0.0)
+        correct = ((self.beta * h - boundary) > 0) == labels
+        metrics = {"loss": losses.detach().sum(), "label_accuracy": correct.float().sum(),
                    "reward": self.beta * h.sum()}
         return losses.sum(), metrics
 

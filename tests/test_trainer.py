@@ -1,0 +1,172 @@
+"""The training loop: accumulation, non-finite policy, atomic checkpoints, resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignkit.config import build
+from alignkit.models import tiny_model_and_tokenizer
+from alignkit.train import NonFiniteError, RunConfig, train
+from alignkit.train.checkpoint import latest_checkpoint
+
+
+def _cfg(tmp_path, **sections) -> RunConfig:
+    data = {"output_dir": str(tmp_path), "data": {"task_size": 48, "eval_size": 16},
+            "train": {"steps": 3, "batch_size": 8, "lr": 1e-3, "progress": False}}
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return build(RunConfig, data)
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("command,loss", [("sft", "dpo"), ("preference", "dpo"), ("preference", "ipo"),
+                                          ("preference", "simpo"), ("preference", "bco"),
+                                          ("preference", "r3m_dpo"), ("preference", "kto")])
+def test_micro_batching_and_accumulation_give_the_full_batch_gradient(tmp_path, command, loss):
+    """One step of batch 8 as 1x8, 8x1 and 3+3+2 micro-batches: the same accumulated gradient."""
+    model, tok = tiny_model_and_tokenizer(seed=0)
+    trainer = train(_cfg(tmp_path, loss={"name": loss}, train={"steps": 1}), command,
+                    model=model, tokenizer=tok).trainer
+    ids = trainer.batch_indices(1)
+    state = trainer.objective.state_dict()
+    grads = []
+
+    def capture():
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    trainer.optimizer.step = capture
+    for micro in (8, 1, 3):
+        trainer.micro = micro
+        trainer.objective.load_state_dict(state)
+        trainer.train_step(ids)
+    assert grads[0] and all(g.keys() == grads[0].keys() for g in grads)
+    for other in grads[1:]:
+        for name, value in grads[0].items():
+            torch.testing.assert_close(other[name], value, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_training_changes_weights_and_writes_the_run_directory(tmp_path):
+    model, tok = tiny_model_and_tokenizer(seed=0)
+    before = _params(model)
+    result = train(_cfg(tmp_path), "preference", model=model, tokenizer=tok)
+    assert any(not torch.equal(before[k], v) for k, v in _params(model).items())
+    run = result.run.path
+    for name in ("config.yaml", "manifest.json", "metrics.jsonl", "reference_logps.safetensors"):
+        assert (run / name).exists(), name
+    ckpt = latest_checkpoint(run / "checkpoints")
+    assert ckpt is not None and (ckpt / "model" / "model.safetensors").exists()
+    steps = [r["step"] for r in result.run.metrics() if "train/loss" in r]
+    assert steps == [1, 2, 3]
+    assert "eval/preference_accuracy" in result.metrics
+
+
+def test_nonfinite_loss_stops_and_keeps_the_weights(tmp_path, monkeypatch):
+    import alignkit.train.objectives as objectives
+
+    model, tok = tiny_model_and_tokenizer(seed=0)
+    real_score, calls = objectives.score, {"n": 0}
+
+    def poisoned(model, encoded, pad_id):
+        calls["n"] += 1
+        lp, lengths = real_score(model, encoded, pad_id)
+        return (lp * float("nan") if calls["n"] > 4 else lp), lengths
+
+    monkeypatch.setattr(objectives, "score", poisoned)
+    cfg = _cfg(tmp_path, train={"steps": 5})
+    with pytest.raises(NonFiniteError, match="non-finite loss at step"):
+        train(cfg, "sft", model=model, tokenizer=tok)
+    saved = latest_checkpoint(next(tmp_path.glob("sft-*")) / "checkpoints")
+    assert saved is not None
+    weights = torch.load(saved / "state.pt", weights_only=False)
+    assert weights["step"] >= 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_nonfinite_skip_policy_counts_and_goes_on(tmp_path, monkeypatch):
+    import alignkit.train.objectives as objectives
+
+    model, tok = tiny_model_and_tokenizer(seed=0)
+    real_score, calls = objectives.score, {"n": 0}
+
+    def poisoned(model, encoded, pad_id):
+        calls["n"] += 1
+        lp, lengths = real_score(model, encoded, pad_id)
+        return (lp * float("inf") if calls["n"] == 3 else lp), lengths
+
+    monkeypatch.setattr(objectives, "score", poisoned)
+    result = train(_cfg(tmp_path, train={"steps": 4, "on_nonfinite": "skip"}), "sft", model=model, tokenizer=tok)
+    events = [r for r in result.run.metrics() if r.get("event") == "skipped_nonfinite"]
+    assert len(events) == 1 and "non-finite loss" in events[0]["detail"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_crash_during_checkpoint_save_leaves_previous_checkpoint_usable(tmp_path, monkeypatch):
+    import alignkit.train.checkpoint as checkpoint
+
+    model, tok = tiny_model_and_tokenizer(seed=0)
+    result = train(_cfg(tmp_path, train={"steps": 2}), "sft", model=model, tokenizer=tok)
+    root = result.run.checkpoints
+    good = latest_checkpoint(root)
+
+    def dies_mid_write(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(checkpoint.torch, "save", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        result.trainer.step += 1
+        result.trainer.save()
+    assert latest_checkpoint(root) == good
+    assert torch.load(good / "state.pt", weights_only=False)["step"] == 2
+
+
+def _run_cli(run_root: Path, *extra: str, resume: Path | None = None) -> subprocess.Popen:
+    args = [sys.executable, "-m", "alignkit.cli", "preference", "--loss", "dpo", "--model", "tiny"]
+    args += ["--resume", str(resume)] if resume else [
+        f"output_dir={run_root}", "run_name=run", "data.task_size=200", "data.eval_size=16", "model.tiny.hidden_size=128",
+        "train.steps=40", "train.batch_size=16", "train.save_every=2", "train.lr=1e-3",
+        "train.keep_checkpoints=3", *extra]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+
+
+def _final_weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(latest_checkpoint(run / "checkpoints") / "model" / "model.safetensors")
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
+    killed = _run_cli(tmp_path / "killed")
+    run = tmp_path / "killed" / "run"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and killed.poll() is None:
+        ckpt = latest_checkpoint(run / "checkpoints") if (run / "checkpoints").exists() else None
+        if ckpt is not None and int(ckpt.name.split("-")[1]) >= 4:
+            break
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    interrupted_at = int(latest_checkpoint(run / "checkpoints").name.split("-")[1])
+    assert interrupted_at < 40, "the run finished before it could be killed"
+    straight = _run_cli(tmp_path / "straight")
+    resumed = _run_cli(tmp_path, resume=run)
+    assert straight.wait(timeout=300) == 0, straight.stdout.read().decode()
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read().decode()
+    a, b = _final_weights(tmp_path / "straight" / "run"), _final_weights(run)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in logged if "train/loss" in r]
+    assert steps == list(range(1, 41)), "every step logged exactly once across the kill"
