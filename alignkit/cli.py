@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rich.console import Console
@@ -47,7 +48,8 @@ def _resolve(args, extra: dict | None = None) -> dict:
 
 
 def summary_table(title: str, rows: dict[str, float]) -> Table:
-    table = Table(title=title)
+    console.print(title)
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in rows.items():
@@ -60,9 +62,9 @@ def _run_training(command: str, args, extra: dict | None = None) -> int:
 
     cfg = config_from(_resolve(args, extra))
     result = train(cfg, command, resume=args.resume)
-    console.print(f"run directory: {result.run.path}")
     rows = {k: v for k, v in result.metrics.items() if not k.startswith("eval/reward_margin")}
     console.print(summary_table(f"alignkit {command}: final evaluation", rows))
+    console.print(f"run directory: {result.run.path}", soft_wrap=True)
     return 0
 
 
@@ -113,8 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS.get(args.command).fn(args)
     except (ConfigError, KeyError, TypeError, ValueError, FileNotFoundError, RuntimeError) as err:
+        if os.environ.get("ALIGNKIT_DEBUG"):
+            raise
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        console.print(f"[red]error:[/red] {message}", highlight=False)
+        print(f"alignkit: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -74,14 +74,14 @@ def test_nonfinite_loss_stops_and_keeps_the_weights(tmp_path, monkeypatch):
     import alignkit.train.objectives as objectives
 
     model, tok = tiny_model_and_tokenizer(seed=0)
-    real_score, calls = objectives.score, {"n": 0}
+    real, calls = objectives.token_logprobs, {"n": 0}
 
-    def poisoned(model, encoded, pad_id):
+    def poisoned(*args):
         calls["n"] += 1
-        lp, lengths = real_score(model, encoded, pad_id)
-        return (lp * float("nan") if calls["n"] > 4 else lp), lengths
+        lp = real(*args)
+        return lp * float("nan") if calls["n"] > 4 else lp
 
-    monkeypatch.setattr(objectives, "score", poisoned)
+    monkeypatch.setattr(objectives, "token_logprobs", poisoned)
     cfg = _cfg(tmp_path, train={"steps": 5})
     with pytest.raises(NonFiniteError, match="non-finite loss at step"):
         train(cfg, "sft", model=model, tokenizer=tok)
@@ -96,14 +96,14 @@ def test_nonfinite_skip_policy_counts_and_goes_on(tmp_path, monkeypatch):
     import alignkit.train.objectives as objectives
 
     model, tok = tiny_model_and_tokenizer(seed=0)
-    real_score, calls = objectives.score, {"n": 0}
+    real, calls = objectives.token_logprobs, {"n": 0}
 
-    def poisoned(model, encoded, pad_id):
+    def poisoned(*args):
         calls["n"] += 1
-        lp, lengths = real_score(model, encoded, pad_id)
-        return (lp * float("inf") if calls["n"] == 3 else lp), lengths
+        lp = real(*args)
+        return lp * float("inf") if calls["n"] == 3 else lp
 
-    monkeypatch.setattr(objectives, "score", poisoned)
+    monkeypatch.setattr(objectives, "token_logprobs", poisoned)
     result = train(_cfg(tmp_path, train={"steps": 4, "on_nonfinite": "skip"}), "sft", model=model, tokenizer=tok)
     events = [r for r in result.run.metrics() if r.get("event") == "skipped_nonfinite"]
     assert len(events) == 1 and "non-finite loss" in events[0]["detail"]

@@ -134,9 +134,10 @@ class SFTObjective(Objective):
         return sum(len(e.completion) for _, e in examples)
 
     def loss_sum(self, model, examples: list, split: str, stats: dict, train: bool):
-        lp, lengths = score(model, [e for _, e in examples], self.pad_id)
-        loss = -lp.sum()
-        return loss, {"loss": loss.detach(), "tokens": lengths.sum()}
+        batch = collate([e for _, e in examples], self.pad_id).to(next(model.parameters()).device)
+        token_lp = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.score_mask)
+        loss = sft_loss(token_lp, batch.score_mask)
+        return loss, {"loss": loss.detach()}
 
 
 @OBJECTIVES.register("paired", summary="offline preference losses on (prompt, chosen, rejected)")

@@ -99,7 +99,7 @@ def load_splits(cfg: DataConfig, kind: str) -> tuple[list, list, list[str]]:
         return train, evaluation, []
     loaded = load_records(cfg.train, kind, columns=cfg.columns, on_error=cfg.on_error, split=cfg.split)
     if loaded.skipped:
-        print(loaded.summary())
+        print(f"{cfg.train}: {loaded.summary()}", flush=True)
     train, files = loaded.records, [cfg.train]
     if cfg.eval:
         evaluation = load_records(cfg.eval, kind, columns=cfg.columns, on_error=cfg.on_error).records
@@ -124,7 +124,8 @@ def objective_name(cfg: RunConfig, command: str) -> str:
 def train(cfg: RunConfig, command: str = "preference", resume: str | Path | None = None,
           model=None, tokenizer=None) -> RunResult:
     """Run one training job end to end and return its run directory and final metrics."""
-    run = RunDir(resume) if resume else RunDir.create(cfg.output_dir, command, cfg.run_name)
+    if resume and not (Path(resume) / "config.yaml").exists():
+        raise FileNotFoundError(f"cannot resume {resume}: no config.yaml there")
     name = objective_name(cfg, command)
     data = OBJECTIVE_DATA.get(name)
     train_records, eval_records, files = load_splits(cfg.data, data.meta["kind"])
@@ -134,6 +135,8 @@ def train(cfg: RunConfig, command: str = "preference", resume: str | Path | None
     splits = {"train": data.fn(train_records, encoder), "eval": data.fn(eval_records, encoder)}
     options = dict(cfg.loss) if name != "sft" else {}
     objective = OBJECTIVES.get(name).fn(splits, tokenizer.pad_token_id, options)
+    run = RunDir(resume) if resume else RunDir.create(cfg.output_dir, command, cfg.run_name)
+    print(f"run directory: {run.path}", flush=True)
     if not resume:
         run.write_config({"command": command, **to_dict(cfg)})
         run.write_manifest(cfg.train.seed, files)

@@ -1,0 +1,67 @@
+import json
+import subprocess
+
+import pytest
+
+from alignkit.algorithms import PREFERENCE_LOSSES, UNPAIRED_LOSSES
+from alignkit.cli import main
+
+SMALL = ["data.task_size=32", "data.eval_size=8", "train.steps=2", "train.batch_size=4"]
+
+
+def test_help_lists_every_loss_with_its_paper(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["preference", "--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    for entry in [*PREFERENCE_LOSSES, *UNPAIRED_LOSSES]:
+        assert entry.name in text and entry.paper.split(",")[0] in text
+
+
+def test_sft_prints_run_directory_and_summary(tmp_path, capsys):
+    assert main(["sft", "--model", "tiny", f"output_dir={tmp_path}", *SMALL]) == 0
+    out = capsys.readouterr().out
+    run = next(tmp_path.glob("sft-*"))
+    assert f"run directory: {run}" in out
+    assert "final evaluation" in out and "eval/loss" in out
+    config = (run / "config.yaml").read_text()
+    assert "command: sft" in config and "steps: 2" in config
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["packages"]["torch"] and manifest["seed"] == 0
+
+
+def test_dpo_from_a_jsonl_file_with_a_bad_record(tmp_path, capsys):
+    path = tmp_path / "pairs.jsonl"
+    good = [{"prompt": f"{c}=", "chosen": "ab", "rejected": "ba"} for c in "abcdefgh"]
+    lines = [json.dumps(r) for r in good[:3]] + ['{"prompt": "x=", "chosen": "a"}'] + [json.dumps(r) for r in good[3:]]
+    path.write_text("\n".join(lines) + "\n")
+    args = ["dpo", "--model", "tiny", f"output_dir={tmp_path}", f"data.train={path}", "data.eval_fraction=0.25",
+            "train.steps=2", "train.batch_size=2"]
+    assert main(args) == 2
+    assert f"{path}, line 4, field 'rejected': missing" in capsys.readouterr().err
+    assert not list(tmp_path.glob("preference-*")), "no run directory for a run that never started"
+    assert main([*args, "data.on_error=skip"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1" in out
+    run = next(tmp_path.glob("preference-*"))
+    data = json.loads((run / "manifest.json").read_text())["data"]
+    assert str(path) in data and len(data[str(path)]) == 64
+
+
+@pytest.mark.parametrize("args,message", [
+    (["preference", "--loss", "nope"], "unknown preference loss 'nope'"),
+    (["sft", "train.lrr=1"], "did you mean 'lr'"),
+    (["preference", "loss.betta=1"], "takes no option"),
+    (["sft", "data.train=/does/not/exist.jsonl"], "file not found"),
+    (["sft", "--resume", "/does/not/exist"], "config.yaml"),
+])
+def test_bad_input_gives_a_one_line_error(tmp_path, capsys, args, message):
+    assert main([*args, f"output_dir={tmp_path}", *SMALL] if "--resume" not in args else args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_demo_console_script_runs_the_main_job(tmp_path):
+    out = subprocess.run(["alignkit", "demo", "--quick", "--output-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "after SFT + DPO" in out.stdout and "base model" in out.stdout
