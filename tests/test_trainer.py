@@ -133,7 +133,8 @@ def test_crash_during_checkpoint_save_leaves_previous_checkpoint_usable(tmp_path
 def _run_cli(run_root: Path, *extra: str, resume: Path | None = None) -> subprocess.Popen:
     args = [sys.executable, "-m", "alignkit.cli", "preference", "--loss", "dpo", "--model", "tiny"]
     args += ["--resume", str(resume)] if resume else [
-        f"output_dir={run_root}", "run_name=run", "data.task_size=200", "data.eval_size=16", "model.tiny.hidden_size=128",
+        f"output_dir={run_root}", "run_name=run", "data.task_size=200", "data.eval_size=16",
+        "model.tiny.hidden_size=128",
         "train.steps=40", "train.batch_size=16", "train.save_every=2", "train.lr=1e-3",
         "train.keep_checkpoints=3", *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
