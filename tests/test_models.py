@@ -91,3 +91,22 @@ def test_load_errors_are_clear(tmp_path):
         load_model_and_tokenizer(ModelConfig(name="nobody/does-not-exist"))
     with pytest.raises(ValueError, match="dtype"):
         load_model_and_tokenizer(ModelConfig(name=str(tmp_path), dtype="float8"))
+
+
+def test_remote_code_is_off_unless_asked(tmp_path, monkeypatch):
+    import transformers
+
+    model, tok = tiny_model(vocab_size=150), tiny_tokenizer(150)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    seen = []
+    real = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    load_model_and_tokenizer(ModelConfig(name=str(tmp_path)))
+    load_model_and_tokenizer(ModelConfig(name=str(tmp_path), trust_remote_code=True))
+    assert seen == [False, True]

@@ -171,3 +171,40 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in logged if "train/loss" in r]
     assert steps == list(range(1, 41)), "every step logged exactly once across the kill"
+
+
+def test_bf16_autocast_runs_on_cpu_when_asked(tmp_path):
+    model, tok = tiny_model_and_tokenizer(seed=0)
+    result = train(_cfg(tmp_path, train={"precision": "bf16"}), "preference", model=model, tokenizer=tok)
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.metrics.values())
+    assert next(model.parameters()).dtype == torch.float32, "autocast keeps fp32 master weights"
+
+
+def test_progress_prints_plain_lines_when_not_a_terminal(capsys):
+    from alignkit.train.progress import ProgressReporter
+
+    reporter = ProgressReporter(total=3, description="run", every_s=0)
+    assert not reporter.live
+    for step in (1, 2, 3):
+        reporter.update(step, {"loss": 0.5, "tokens_per_s": 1234.0})
+    reporter.close()
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 3 and "run step 3/3" in lines[-1] and "loss 0.5000" in lines[-1]
+    assert "1234 tok/s" in lines[-1] and "eta 0s" in lines[-1]
+
+
+def test_progress_draws_a_live_bar_on_a_terminal(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from alignkit.train import progress
+
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: True, raising=False)
+    screen = io.StringIO()
+    reporter = progress.ProgressReporter(total=4, description="run",
+                                         console=Console(file=screen, force_terminal=True, width=120))
+    assert reporter.live
+    reporter.update(2, {"loss": 0.25, "tokens_per_s": 99.0})
+    reporter.close()
+    assert "2/4" in screen.getvalue() and "loss 0.2500" in screen.getvalue()
