@@ -46,6 +46,18 @@ def load_model_and_tokenizer(cfg: ModelConfig):
     except (OSError, ValueError) as err:
         where = "local directory" if Path(cfg.name).exists() else "hub id (needs network)"
         raise ModelLoadError(f"could not load model {cfg.name!r} as a {where}: {err}") from err
+    if cfg.gguf_file:
+        model = _plain_copy(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _plain_copy(model):
+    """A GGUF-loaded model is dequantised but refuses save_pretrained: copy it into a plain one."""
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    plain.load_state_dict(model.state_dict())
+    return plain
