@@ -70,44 +70,43 @@ def test_training_changes_weights_and_writes_the_run_directory(tmp_path):
     assert "eval/preference_accuracy" in result.metrics
 
 
-def test_nonfinite_loss_stops_and_keeps_the_weights(tmp_path, monkeypatch):
+def _poison_logprobs(monkeypatch, poisoned_call):
+    """Make the `poisoned_call`-th log-prob computation return non-finite values."""
     import alignkit.train.objectives as objectives
 
-    model, tok = tiny_model_and_tokenizer(seed=0)
     real, calls = objectives.token_logprobs, {"n": 0}
 
     def poisoned(*args):
         calls["n"] += 1
         lp = real(*args)
-        return lp * float("nan") if calls["n"] > 4 else lp
+        return lp * float("nan") if poisoned_call(calls["n"]) else lp
 
     monkeypatch.setattr(objectives, "token_logprobs", poisoned)
-    cfg = _cfg(tmp_path, train={"steps": 5})
+
+
+def test_nonfinite_loss_stops_and_keeps_the_weights(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    model, tok = tiny_model_and_tokenizer(seed=0)
+    _poison_logprobs(monkeypatch, lambda n: n > 4)
     with pytest.raises(NonFiniteError, match="non-finite loss at step"):
-        train(cfg, "sft", model=model, tokenizer=tok)
+        train(_cfg(tmp_path, train={"steps": 5}), "sft", model=model, tokenizer=tok)
     saved = latest_checkpoint(next(tmp_path.glob("sft-*")) / "checkpoints")
-    assert saved is not None
-    weights = torch.load(saved / "state.pt", weights_only=False)
-    assert weights["step"] >= 1
+    assert torch.load(saved / "state.pt", weights_only=False)["step"] >= 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    on_disk = load_file(saved / "model" / "model.safetensors")
+    assert all(torch.equal(on_disk[k], v) for k, v in model.state_dict().items() if k in on_disk)
 
 
 def test_nonfinite_skip_policy_counts_and_goes_on(tmp_path, monkeypatch):
-    import alignkit.train.objectives as objectives
-
     model, tok = tiny_model_and_tokenizer(seed=0)
-    real, calls = objectives.token_logprobs, {"n": 0}
-
-    def poisoned(*args):
-        calls["n"] += 1
-        lp = real(*args)
-        return lp * float("inf") if calls["n"] == 3 else lp
-
-    monkeypatch.setattr(objectives, "token_logprobs", poisoned)
+    _poison_logprobs(monkeypatch, lambda n: n == 3)
     result = train(_cfg(tmp_path, train={"steps": 4, "on_nonfinite": "skip"}), "sft", model=model, tokenizer=tok)
     events = [r for r in result.run.metrics() if r.get("event") == "skipped_nonfinite"]
     assert len(events) == 1 and "non-finite loss" in events[0]["detail"]
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    trained = [r["step"] for r in result.run.metrics() if "train/loss" in r]
+    assert len(trained) == 3 and events[0]["step"] not in trained
 
 
 def test_crash_during_checkpoint_save_leaves_previous_checkpoint_usable(tmp_path, monkeypatch):

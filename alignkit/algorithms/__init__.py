@@ -3,6 +3,7 @@
 from alignkit.algorithms.preference import (
     PREFERENCE_LOSSES,
     needs_reference,
+    normalize_config,
     preference_loss,
     r3m_delta,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "UNPAIRED_LOSSES",
     "kto_reference_point",
     "needs_reference",
+    "normalize_config",
     "preference_loss",
     "r3m_delta",
     "sft_loss",

@@ -65,8 +65,12 @@ def preference_loss(
     """Per-example loss [batch] of the registered paired loss `name` with its config keywords."""
     inputs = PairedInputs(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                           chosen_lengths, rejected_lengths)
-    config = {_ALIASES.get(k, k): v for k, v in config.items()}
-    return PREFERENCE_LOSSES.call(name, inputs, **config)
+    return PREFERENCE_LOSSES.call(name, inputs, **normalize_config(config))
+
+
+def normalize_config(config: dict) -> dict:
+    """Map aliases (`lambda`, `tau`) to the option names the loss functions take."""
+    return {_ALIASES.get(k, k): v for k, v in config.items()}
 
 
 def needs_reference(name: str, **config) -> bool:

@@ -18,6 +18,7 @@ from alignkit.algorithms import (
     UNPAIRED_LOSSES,
     kto_reference_point,
     needs_reference,
+    normalize_config,
     preference_loss,
     r3m_delta,
     sft_loss,
@@ -95,18 +96,22 @@ class Objective:
     def __init__(self, splits: dict[str, list], pad_id: int, options: dict):
         self.splits, self.pad_id, self.options = splits, pad_id, dict(options)
         self.reference: dict[str, Tensor] = {}
+        self.loss_name = self.options.pop("name", None)
+        self.shift = RunningShift() if self.loss_name == "bco" else None
 
     def step_stats(self, model, examples: list) -> dict:
         return {}
 
     def end_step(self) -> None:
-        pass
+        if self.shift is not None:
+            self.shift.end_step()
 
     def state_dict(self) -> dict:
-        return {}
+        return {"shift": self.shift.state_dict()} if self.shift is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        if self.shift is not None:
+            self.shift.load_state_dict(state["shift"])
 
     def reference_sequences(self, example) -> list[Encoded]:
         return []
@@ -143,13 +148,11 @@ class SFTObjective(Objective):
 @OBJECTIVES.register("paired", summary="offline preference losses on (prompt, chosen, rejected)")
 class PairedObjective(Objective):
     def __init__(self, splits, pad_id, options):
-        super().__init__(splits, pad_id, options)
-        self.loss_name = self.options.pop("name", "dpo")
+        super().__init__(splits, pad_id, {"name": "dpo", **options})
         entry = PREFERENCE_LOSSES.get(self.loss_name)
-        self.loss_config = {k: v for k, v in self.options.items()}
+        self.loss_config = normalize_config(self.options)
         self.uses_reference = needs_reference(self.loss_name, **self.loss_config)
         self.beta = float(self.loss_config.get("beta", entry.defaults().get("beta", 0.1)))
-        self.shift = RunningShift() if self.loss_name == "bco" else None
         n_train = len(splits["train"])
         self.outliers = torch.zeros(n_train) if self.loss_name == "r3m_dpo" else None
 
@@ -163,7 +166,7 @@ class PairedObjective(Objective):
         if self.shift is not None:
             return {"delta": self.shift.value}
         if self.outliers is not None:
-            lam = self.loss_config.get("lam", self.loss_config.get("lambda", 0.75))
+            lam = self.loss_config.get("lam", PREFERENCE_LOSSES.get("r3m_dpo").defaults()["lam"])
             delta = r3m_delta(margin, beta=self.beta, lam=lam)
             if train:
                 self.outliers[ids] = delta.cpu()
@@ -198,21 +201,14 @@ class PairedObjective(Objective):
         }
         return losses.sum(), metrics
 
-    def end_step(self) -> None:
-        if self.shift is not None:
-            self.shift.end_step()
-
     def state_dict(self) -> dict:
-        state = {}
-        if self.shift is not None:
-            state["shift"] = self.shift.state_dict()
+        state = super().state_dict()
         if self.outliers is not None:
             state["outliers"] = self.outliers.clone()
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        if self.shift is not None:
-            self.shift.load_state_dict(state["shift"])
+        super().load_state_dict(state)
         if self.outliers is not None:
             self.outliers = state["outliers"].clone()
 
@@ -228,13 +224,11 @@ class PairedObjective(Objective):
 @OBJECTIVES.register("unpaired", summary="KTO / BCO on (prompt, completion, thumbs up/down)")
 class UnpairedObjective(Objective):
     def __init__(self, splits, pad_id, options):
-        super().__init__(splits, pad_id, options)
-        self.loss_name = self.options.pop("name", "kto")
-        UNPAIRED_LOSSES.get(self.loss_name)
+        super().__init__(splits, pad_id, {"name": "kto", **options})
+        entry = UNPAIRED_LOSSES.get(self.loss_name)
         self.loss_config = dict(self.options)
-        self.beta = float(self.loss_config.get("beta", 0.1))
+        self.beta = float(self.loss_config.get("beta", entry.defaults()["beta"]))
         self.uses_reference = True
-        self.shift = RunningShift() if self.loss_name == "bco" else None
 
     def reference_sequences(self, example: RatedExample) -> list[Encoded]:
         return [example.encoded, example.mismatched]
@@ -273,14 +267,3 @@ class UnpairedObjective(Objective):
         metrics = {"loss": losses.detach().sum(), "label_accuracy": correct.float().sum(),
                    "reward": self.beta * h.sum()}
         return losses.sum(), metrics
-
-    def end_step(self) -> None:
-        if self.shift is not None:
-            self.shift.end_step()
-
-    def state_dict(self) -> dict:
-        return {"shift": self.shift.state_dict()} if self.shift is not None else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.shift is not None:
-            self.shift.load_state_dict(state["shift"])
