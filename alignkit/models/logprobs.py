@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-CHUNK_BYTES = 8 * 2**20  # float32 logits held at once per chunk
+CHUNK_BYTES = 4 * 2**20  # float32 logits held at once per chunk
 
 
 def _chunk_rows(vocab: int) -> int:
