@@ -81,3 +81,17 @@ def test_r3m_dpo_flags_most_flipped_pairs_and_few_clean_ones(tmp_path):
     assert recall >= 0.75, recall
     assert precision >= 0.7, precision
     assert result.metrics["r3m/flagged"] == len(flagged)
+
+
+def test_r3m_report_names_records_by_file_and_line(tmp_path):
+    rows = [{"prompt": f"{a}{b}=", "chosen": "ab", "rejected": "ba"} for a in "abcd" for b in "abcd"]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model, tok = tiny_model_and_tokenizer(seed=0)
+    result = _run(tmp_path, "preference", model, tok, data={"train": str(path), "eval_fraction": 0.25},
+                  loss={"name": "r3m_dpo", "lam": 0.3}, train={"steps": 2, "batch_size": 12})
+    report = json.loads((result.run.path / "r3m_outliers.json").read_text())
+    assert report, "with lambda 0.3 every pair starts with delta > 0"
+    for row in report:
+        assert row["origin"] == f"{path}:{row['index'] + 1}"
+        assert row["delta"] > 0

@@ -35,6 +35,8 @@ OBJECTIVES = Registry("objective")
 class PairExample:
     chosen: Encoded
     rejected: Encoded
+    index: int = 0     # the record's index in its source
+    origin: str = ""   # file:line of the record, for reports
 
     def __len__(self) -> int:
         return len(self.chosen) + len(self.rejected)
@@ -115,6 +117,10 @@ class Objective:
 
     def reference_sequences(self, example) -> list[Encoded]:
         return []
+
+    def write_reports(self, run) -> dict:
+        """Write what the objective learned about the data into the run directory; return metrics."""
+        return {}
 
     @torch.no_grad()
     def compute_reference(self, model, split: str, batch_size: int) -> Tensor:
@@ -212,13 +218,16 @@ class PairedObjective(Objective):
         if self.outliers is not None:
             self.outliers = state["outliers"].clone()
 
-    def outlier_report(self, threshold: float = 0.0) -> list[dict]:
-        """R3M: pairs with delta above `threshold`, most suspicious first."""
+    def write_reports(self, run) -> dict:
+        """R3M: the pairs with delta > 0, most suspicious first, to r3m_outliers.json."""
         if self.outliers is None:
-            return []
-        flagged = (self.outliers > threshold).nonzero().flatten().tolist()
-        return sorted(({"index": i, "delta": float(self.outliers[i])} for i in flagged),
-                      key=lambda r: -r["delta"])
+            return {}
+        flagged = (self.outliers > 0).nonzero().flatten().tolist()
+        pairs = self.splits["train"]
+        rows = sorted(({"index": pairs[i].index, "origin": pairs[i].origin, "delta": float(self.outliers[i])}
+                       for i in flagged), key=lambda r: -r["delta"])
+        run.write_json("r3m_outliers.json", rows)
+        return {"r3m/flagged": len(rows)}
 
 
 @OBJECTIVES.register("unpaired", summary="KTO / BCO on (prompt, completion, thumbs up/down)")

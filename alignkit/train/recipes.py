@@ -70,8 +70,8 @@ def _demo_examples(records, encoder: Encoder) -> list:
 
 @OBJECTIVE_DATA.register("paired", kind="comparison")
 def _pair_examples(records, encoder: Encoder) -> list:
-    return [PairExample(encoder.encode(r.prompt, r.chosen), encoder.encode(r.prompt, r.rejected))
-            for r in records]
+    return [PairExample(encoder.encode(r.prompt, r.chosen), encoder.encode(r.prompt, r.rejected),
+                        r.index, r.origin) for r in records]
 
 
 @OBJECTIVE_DATA.register("unpaired", kind="rating")
@@ -140,18 +140,14 @@ def train(cfg: RunConfig, command: str = "preference", resume: str | Path | None
     if not resume:
         run.write_config({"command": command, **to_dict(cfg)})
         run.write_manifest(cfg.train.seed, files)
-    run.log({"step": 0, "event": "data", "train_examples": len(splits["train"]),
-             "eval_examples": len(splits["eval"]), "truncated": encoder.truncated})
+        run.log({"step": 0, "event": "data", "train_examples": len(splits["train"]),
+                 "eval_examples": len(splits["eval"]), "truncated": encoder.truncated})
     reference = None
     if cfg.reference and objective.uses_reference:
         reference, _ = load_model_and_tokenizer(build(ModelConfig, {"name": cfg.reference}))
     trainer = Trainer(model, tokenizer, objective, cfg.train, run, reference_model=reference)
     metrics = trainer.fit(resume=bool(resume))
-    report = getattr(objective, "outlier_report", None)
-    if report is not None and objective.outliers is not None:
-        rows = report()
-        run.write_json("r3m_outliers.json", rows)
-        metrics["r3m/flagged"] = len(rows)
+    metrics.update(objective.write_reports(run))
     return RunResult(run, metrics, trainer.initial_metrics, model, tokenizer, trainer)
 
 
