@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress is enough; theirs fires on every checkpoint
     try:
         return COMMANDS.get(args.command).fn(args)
     except (ConfigError, KeyError, TypeError, ValueError, FileNotFoundError, RuntimeError) as err:
