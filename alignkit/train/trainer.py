@@ -72,6 +72,7 @@ class Trainer:
             [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step, self.nonfinite_skips = 0, 0
+        self._order_cache: tuple[int, list[int]] = (-1, [])
         self.initial_metrics: dict = {}
 
     # ----- schedule and data order -----
@@ -82,9 +83,11 @@ class Trainer:
         return SCHEDULES[self.cfg.schedule](min(1.0, (step - self.cfg.warmup_steps) / span))
 
     def _epoch_order(self, epoch: int) -> list[int]:
-        order = list(range(self.n_train))
-        random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
-        return order
+        if self._order_cache[0] != epoch:
+            order = list(range(self.n_train))
+            random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
+            self._order_cache = (epoch, order)
+        return self._order_cache[1]
 
     def batch_indices(self, step: int) -> list[int]:
         """Examples of optimizer step `step`: a pure function of (seed, step), so resume is exact."""
