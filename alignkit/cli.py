@@ -9,7 +9,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from alignkit.algorithms import PREFERENCE_LOSSES, UNPAIRED_LOSSES
+from alignkit.algorithms import PREFERENCE_LOSSES, REWARD_LOSSES, UNPAIRED_LOSSES
 from alignkit.config import ConfigError, apply_overrides, load_yaml
 from alignkit.registry import Registry
 
@@ -23,6 +23,13 @@ def _loss_table() -> str:
     lines += ["unpaired losses (rating data; bco takes either, data.kind=rating for ratings):"]
     lines += [f"  {e.name:<9} {e.summary}  [{e.paper}]" for e in UNPAIRED_LOSSES]
     return "\n".join(lines)
+
+
+def _reward_loss_table() -> str:
+    return "\n".join(["reward losses:"] + [f"  {e.name:<14} {e.summary}  [{e.paper}]" for e in REWARD_LOSSES])
+
+
+EPILOGS = {"preference": _loss_table, "dpo": _loss_table, "reward": _reward_loss_table}
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +85,11 @@ def cmd_preference(args) -> int:
     return _run_training("preference", args, {"model.name": args.model, "loss.name": args.loss})
 
 
+@COMMANDS.register("reward", summary="train a scalar reward model (Bradley-Terry or R3M) on comparisons")
+def cmd_reward(args) -> int:
+    return _run_training("reward", args, {"model.name": args.model, "loss.name": args.loss})
+
+
 @COMMANDS.register("dpo", summary="alias of `preference` (default loss dpo)")
 def cmd_dpo(args) -> int:
     return cmd_preference(args)
@@ -97,14 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for entry in COMMANDS:
         p = sub.add_parser(entry.name, help=entry.summary, description=entry.summary,
-                           epilog=_loss_table() if entry.name in ("preference", "dpo") else None,
+                           epilog=EPILOGS.get(entry.name, lambda: None)(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         if entry.name == "demo":
             p.add_argument("--quick", action="store_true", help="a one-minute version")
             p.add_argument("--output-dir", default="runs")
             continue
         _common(p)
-        if entry.name in ("preference", "dpo"):
+        if entry.name in ("preference", "dpo", "reward"):
             p.add_argument("--loss", default="dpo" if entry.name == "dpo" else None,
                            help="loss name (see the list below)")
     return parser

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from alignkit.config import build
-from alignkit.models import tiny_model_and_tokenizer
+from alignkit.models import tiny_model_and_tokenizer, tiny_reward_model
 from alignkit.train import NonFiniteError, RunConfig, train
 from alignkit.train.checkpoint import latest_checkpoint
 
@@ -31,10 +31,12 @@ def _params(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("command,loss", [("sft", "dpo"), ("preference", "dpo"), ("preference", "ipo"),
                                           ("preference", "simpo"), ("preference", "bco"),
-                                          ("preference", "r3m_dpo"), ("preference", "kto")])
+                                          ("preference", "r3m_dpo"), ("preference", "kto"),
+                                          ("reward", "bradley_terry"), ("reward", "r3m")])
 def test_micro_batching_and_accumulation_give_the_full_batch_gradient(tmp_path, command, loss):
     """One step of batch 8 as 1x8, 8x1 and 3+3+2 micro-batches: the same accumulated gradient."""
     model, tok = tiny_model_and_tokenizer(seed=0)
+    model = tiny_reward_model(model) if command == "reward" else model
     trainer = train(_cfg(tmp_path, loss={"name": loss}, train={"steps": 1}), command,
                     model=model, tokenizer=tok).trainer
     ids = trainer.batch_indices(1)

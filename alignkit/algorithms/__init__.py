@@ -7,17 +7,20 @@ from alignkit.algorithms.preference import (
     preference_loss,
     r3m_delta,
 )
+from alignkit.algorithms.reward import REWARD_LOSSES, reward_loss
 from alignkit.algorithms.sft import sft_loss
 from alignkit.algorithms.unpaired import UNPAIRED_LOSSES, kto_reference_point, unpaired_loss
 
 __all__ = [
     "PREFERENCE_LOSSES",
+    "REWARD_LOSSES",
     "UNPAIRED_LOSSES",
     "kto_reference_point",
     "needs_reference",
     "normalize_config",
     "preference_loss",
     "r3m_delta",
+    "reward_loss",
     "sft_loss",
     "unpaired_loss",
 ]

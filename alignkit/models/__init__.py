@@ -2,7 +2,7 @@
 
 from alignkit.models.loading import ModelConfig, ModelLoadError, load_model_and_tokenizer
 from alignkit.models.logprobs import naive_token_logprobs, sequence_logprobs, token_logprobs
-from alignkit.models.tiny import TinyConfig, tiny_model, tiny_model_and_tokenizer, tiny_tokenizer
+from alignkit.models.tiny import TinyConfig, tiny_model, tiny_model_and_tokenizer, tiny_reward_model, tiny_tokenizer
 
 __all__ = [
     "ModelConfig",
@@ -13,6 +13,7 @@ __all__ = [
     "sequence_logprobs",
     "tiny_model",
     "tiny_model_and_tokenizer",
+    "tiny_reward_model",
     "tiny_tokenizer",
     "token_logprobs",
 ]

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from alignkit.models.tiny import TinyConfig, tiny_model_and_tokenizer
+from alignkit.models.tiny import TinyConfig, tiny_model_and_tokenizer, tiny_reward_model
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -31,10 +31,21 @@ class ModelLoadError(RuntimeError):
     pass
 
 
-def load_model_and_tokenizer(cfg: ModelConfig):
-    """Return (model, tokenizer); the tokenizer always has a pad token."""
+HEADS = {
+    "causal_lm": lambda name, **kw: AutoModelForCausalLM.from_pretrained(name, **kw),
+    "reward": lambda name, **kw: AutoModelForSequenceClassification.from_pretrained(name, num_labels=1, **kw),
+}
+
+
+def load_model_and_tokenizer(cfg: ModelConfig, head: str = "causal_lm"):
+    """Return (model, tokenizer); the tokenizer always has a pad token.
+
+    `head="reward"` gives a sequence classifier with one output (AutoModelForSequenceClassification,
+    num_labels=1) on the same backbone: a scalar reward model that plain transformers reloads.
+    """
     if cfg.name == "tiny":
-        return tiny_model_and_tokenizer(cfg.tiny)
+        model, tokenizer = tiny_model_and_tokenizer(cfg.tiny)
+        return (tiny_reward_model(model) if head == "reward" else model), tokenizer
     if cfg.dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
     options = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
@@ -42,7 +53,7 @@ def load_model_and_tokenizer(cfg: ModelConfig):
         options["gguf_file"] = cfg.gguf_file
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.name, **options)
-        model = AutoModelForCausalLM.from_pretrained(cfg.name, dtype=DTYPES[cfg.dtype], **options)
+        model = HEADS[head](cfg.name, dtype=DTYPES[cfg.dtype], **options)
     except (OSError, ValueError) as err:
         where = "local directory" if Path(cfg.name).exists() else "hub id (needs network)"
         raise ModelLoadError(f"could not load model {cfg.name!r} as a {where}: {err}") from err
@@ -50,6 +61,8 @@ def load_model_and_tokenizer(cfg: ModelConfig):
         model = _plain_copy(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:  # sequence classifiers find the last token by padding
+        model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -80,3 +80,14 @@ def tiny_model_and_tokenizer(config: TinyConfig | None = None, **overrides):
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return tiny_model(cfg), tiny_tokenizer(cfg.vocab_size, cfg.chat_template)
+
+
+def tiny_reward_model(backbone: LlamaForCausalLM) -> LlamaForSequenceClassification:
+    """A scalar reward model on the backbone of `backbone`, with a new (seeded) scoring head."""
+    fields = {k: v for k, v in backbone.config.to_dict().items() if k not in ("id2label", "label2id")}
+    config = LlamaConfig.from_dict({**fields, "num_labels": 1})
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForSequenceClassification(config)
+    model.model.load_state_dict(backbone.model.state_dict())
+    return model

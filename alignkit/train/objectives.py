@@ -15,12 +15,14 @@ from torch import Tensor
 
 from alignkit.algorithms import (
     PREFERENCE_LOSSES,
+    REWARD_LOSSES,
     UNPAIRED_LOSSES,
     kto_reference_point,
     needs_reference,
     normalize_config,
     preference_loss,
     r3m_delta,
+    reward_loss,
     sft_loss,
     unpaired_loss,
 )
@@ -37,6 +39,7 @@ class PairExample:
     rejected: Encoded
     index: int = 0     # the record's index in its source
     origin: str = ""   # file:line of the record, for reports
+    margin: float | None = None
 
     def __len__(self) -> int:
         return len(self.chosen) + len(self.rejected)
@@ -87,6 +90,26 @@ class RunningShift:
         self.total, self.count = state["total"], state["count"]
 
 
+class OutlierTable:
+    """R3M's per-pair outlier variables delta_i, kept by position in the training split."""
+
+    def __init__(self, pairs: list[PairExample]):
+        self.pairs, self.delta = pairs, torch.zeros(len(pairs))
+
+    def update(self, ids: list[int], margin: Tensor, scale: float, lam: float) -> Tensor:
+        delta = r3m_delta(margin, beta=scale, lam=lam)
+        self.delta[ids] = delta.cpu()
+        return delta
+
+    def write(self, run) -> dict:
+        """The pairs with delta > 0, most suspicious first, to r3m_outliers.json."""
+        flagged = (self.delta > 0).nonzero().flatten().tolist()
+        rows = sorted(({"index": self.pairs[i].index, "origin": self.pairs[i].origin,
+                        "delta": float(self.delta[i])} for i in flagged), key=lambda r: -r["delta"])
+        run.write_json("r3m_outliers.json", rows)
+        return {"r3m/flagged": len(rows)}
+
+
 class Objective:
     """Shared plumbing; subclasses define `count`, `loss_sum` and what reference they need.
 
@@ -100,6 +123,11 @@ class Objective:
         self.reference: dict[str, Tensor] = {}
         self.loss_name = self.options.pop("name", None)
         self.shift = RunningShift() if self.loss_name == "bco" else None
+        self.outliers: OutlierTable | None = None
+
+    def count(self, examples: list) -> int:
+        """The step's normaliser: examples here; completion tokens for SFT."""
+        return len(examples)
 
     def step_stats(self, model, examples: list) -> dict:
         return {}
@@ -109,18 +137,25 @@ class Objective:
             self.shift.end_step()
 
     def state_dict(self) -> dict:
-        return {"shift": self.shift.state_dict()} if self.shift is not None else {}
+        state = {}
+        if self.shift is not None:
+            state["shift"] = self.shift.state_dict()
+        if self.outliers is not None:
+            state["outliers"] = self.outliers.delta.clone()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if self.shift is not None:
             self.shift.load_state_dict(state["shift"])
+        if self.outliers is not None:
+            self.outliers.delta = state["outliers"].clone()
 
     def reference_sequences(self, example) -> list[Encoded]:
         return []
 
     def write_reports(self, run) -> dict:
         """Write what the objective learned about the data into the run directory; return metrics."""
-        return {}
+        return self.outliers.write(run) if self.outliers is not None else {}
 
     @torch.no_grad()
     def compute_reference(self, model, split: str, batch_size: int) -> Tensor:
@@ -159,24 +194,19 @@ class PairedObjective(Objective):
         self.loss_config = normalize_config(self.options)
         self.uses_reference = needs_reference(self.loss_name, **self.loss_config)
         self.beta = float(self.loss_config.get("beta", entry.defaults().get("beta", 0.1)))
-        n_train = len(splits["train"])
-        self.outliers = torch.zeros(n_train) if self.loss_name == "r3m_dpo" else None
+        self.outliers = OutlierTable(splits["train"]) if self.loss_name == "r3m_dpo" else None
 
     def reference_sequences(self, example: PairExample) -> list[Encoded]:
         return [example.chosen, example.rejected]
-
-    def count(self, examples: list) -> int:
-        return len(examples)
 
     def _extra_config(self, margin: Tensor, ids: list[int], train: bool) -> dict:
         if self.shift is not None:
             return {"delta": self.shift.value}
         if self.outliers is not None:
             lam = self.loss_config.get("lam", PREFERENCE_LOSSES.get("r3m_dpo").defaults()["lam"])
-            delta = r3m_delta(margin, beta=self.beta, lam=lam)
             if train:
-                self.outliers[ids] = delta.cpu()
-            return {"delta": delta}
+                return {"delta": self.outliers.update(ids, margin, self.beta, lam)}
+            return {"delta": r3m_delta(margin, beta=self.beta, lam=lam)}
         return {}
 
     def loss_sum(self, model, examples: list, split: str, stats: dict, train: bool):
@@ -207,27 +237,6 @@ class PairedObjective(Objective):
         }
         return losses.sum(), metrics
 
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        if self.outliers is not None:
-            state["outliers"] = self.outliers.clone()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        if self.outliers is not None:
-            self.outliers = state["outliers"].clone()
-
-    def write_reports(self, run) -> dict:
-        """R3M: the pairs with delta > 0, most suspicious first, to r3m_outliers.json."""
-        if self.outliers is None:
-            return {}
-        flagged = (self.outliers > 0).nonzero().flatten().tolist()
-        pairs = self.splits["train"]
-        rows = sorted(({"index": pairs[i].index, "origin": pairs[i].origin, "delta": float(self.outliers[i])}
-                       for i in flagged), key=lambda r: -r["delta"])
-        run.write_json("r3m_outliers.json", rows)
-        return {"r3m/flagged": len(rows)}
 
 
 @OBJECTIVES.register("unpaired", summary="KTO / BCO on (prompt, completion, thumbs up/down)")
@@ -241,9 +250,6 @@ class UnpairedObjective(Objective):
 
     def reference_sequences(self, example: RatedExample) -> list[Encoded]:
         return [example.encoded, example.mismatched]
-
-    def count(self, examples: list) -> int:
-        return len(examples)
 
     @torch.no_grad()
     def _kl_point(self, model, examples: list, split: str) -> Tensor:
@@ -275,4 +281,35 @@ class UnpairedObjective(Objective):
         correct = ((self.beta * h - boundary) > 0) == labels
         metrics = {"loss": losses.detach().sum(), "label_accuracy": correct.float().sum(),
                    "reward": self.beta * h.sum()}
+        return losses.sum(), metrics
+
+
+def rewards(model, encoded: list[Encoded], pad_id: int) -> Tensor:
+    """Scalar scores [n] of a sequence classifier with one output, at each sequence's last token."""
+    batch = collate(encoded, pad_id).to(next(model.parameters()).device)
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0].float()
+
+
+@OBJECTIVES.register("reward", summary="scalar reward model on (prompt, chosen, rejected)")
+class RewardObjective(Objective):
+    def __init__(self, splits, pad_id, options):
+        super().__init__(splits, pad_id, {"name": "bradley_terry", **options})
+        REWARD_LOSSES.get(self.loss_name)
+        self.loss_config = normalize_config(self.options)
+        self.outliers = OutlierTable(splits["train"]) if self.loss_name == "r3m" else None
+
+    def loss_sum(self, model, examples: list, split: str, stats: dict, train: bool):
+        ids = [i for i, _ in examples]
+        scores = rewards(model, [s for _, e in examples for s in (e.chosen, e.rejected)], self.pad_id)
+        r_w, r_l = scores[0::2], scores[1::2]
+        config = dict(self.loss_config)
+        if self.outliers is not None and train:
+            lam = config.get("lam", REWARD_LOSSES.get("r3m").defaults()["lam"])
+            config["delta"] = self.outliers.update(ids, (r_w - r_l).detach(), 1.0, lam)
+        margins = [e.margin for _, e in examples]
+        margins = None if any(m is None for m in margins) else scores.new_tensor(margins)
+        losses = reward_loss(self.loss_name, chosen_rewards=r_w, rejected_rewards=r_l, margins=margins, **config)
+        diff = (r_w - r_l).detach()
+        metrics = {"loss": losses.detach().sum(), "accuracy": (diff > 0).float().sum(), "margin": diff.sum(),
+                   "chosen_reward": r_w.detach().sum(), "rejected_reward": r_l.detach().sum()}
         return losses.sum(), metrics

@@ -44,7 +44,7 @@ class RunConfig:
     reference: str | None = None     # separate reference model; default: the initial policy
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    loss: dict = field(default_factory=lambda: {"name": "dpo"})
+    loss: dict = field(default_factory=dict)   # {name: ..., options}; default per command
     output_dir: str = "runs"
     run_name: str | None = None
 
@@ -69,9 +69,10 @@ def _demo_examples(records, encoder: Encoder) -> list:
 
 
 @OBJECTIVE_DATA.register("paired", kind="comparison")
+@OBJECTIVE_DATA.register("reward", kind="comparison", head="reward")
 def _pair_examples(records, encoder: Encoder) -> list:
     return [PairExample(encoder.encode(r.prompt, r.chosen), encoder.encode(r.prompt, r.rejected),
-                        r.index, r.origin) for r in records]
+                        r.index, r.origin, r.margin) for r in records]
 
 
 @OBJECTIVE_DATA.register("unpaired", kind="rating")
@@ -112,8 +113,8 @@ def load_splits(cfg: DataConfig, kind: str) -> tuple[list, list, list[str]]:
 
 
 def objective_name(cfg: RunConfig, command: str) -> str:
-    if command == "sft":
-        return "sft"
+    if command in ("sft", "reward"):
+        return command
     loss = cfg.loss.get("name", "dpo")
     if loss in UNPAIRED_LOSSES and (cfg.data.kind == "rating" or loss not in PREFERENCE_LOSSES):
         return "unpaired"
@@ -130,7 +131,7 @@ def train(cfg: RunConfig, command: str = "preference", resume: str | Path | None
     data = OBJECTIVE_DATA.get(name)
     train_records, eval_records, files = load_splits(cfg.data, data.meta["kind"])
     if model is None:
-        model, tokenizer = load_model_and_tokenizer(cfg.model)
+        model, tokenizer = load_model_and_tokenizer(cfg.model, head=data.meta.get("head", "causal_lm"))
     encoder = Encoder(tokenizer, cfg.data.tokenize)
     splits = {"train": data.fn(train_records, encoder), "eval": data.fn(eval_records, encoder)}
     options = dict(cfg.loss) if name != "sft" else {}

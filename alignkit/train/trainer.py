@@ -197,10 +197,8 @@ class Trainer:
                                self._state(), keep=self.cfg.keep_checkpoints)
 
     def _restore(self, checkpoint: Path) -> None:
-        from transformers import AutoModelForCausalLM
-
         dtype = next(self.model.parameters()).dtype
-        restored = AutoModelForCausalLM.from_pretrained(checkpoint / "model", dtype=dtype)
+        restored = type(self.model).from_pretrained(checkpoint / "model", dtype=dtype)
         self.model.load_state_dict(restored.state_dict())
         state = load_state(checkpoint)
         self.optimizer.load_state_dict(state["optimizer"])
