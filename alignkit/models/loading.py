@@ -24,6 +24,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     revision: str | None = None
     gguf_file: str | None = None
+    lora: dict | None = None   # peft LoraConfig options, e.g. {r: 16, lora_alpha: 32}; trains adapters only
     tiny: TinyConfig = field(default_factory=TinyConfig)
 
 
@@ -43,6 +44,26 @@ def load_model_and_tokenizer(cfg: ModelConfig, head: str = "causal_lm"):
     `head="reward"` gives a sequence classifier with one output (AutoModelForSequenceClassification,
     num_labels=1) on the same backbone: a scalar reward model that plain transformers reloads.
     """
+    model, tokenizer = _load(cfg, head)
+    return (with_lora(model, cfg.lora, head) if cfg.lora else model), tokenizer
+
+
+def with_lora(model, options: dict, head: str = "causal_lm"):
+    """Wrap `model` with LoRA adapters (peft); only the adapters (and a reward head) then train."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ModelLoadError("model.lora needs peft: pip install 'alignkit[peft]'") from None
+    defaults = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
+    if head == "reward":
+        defaults["modules_to_save"] = ["score"]
+    try:
+        return get_peft_model(model, LoraConfig(**{**defaults, **options}))
+    except (TypeError, ValueError) as err:
+        raise ModelLoadError(f"model.lora: {err}") from err
+
+
+def _load(cfg: ModelConfig, head: str):
     if cfg.name == "tiny":
         model, tokenizer = tiny_model_and_tokenizer(cfg.tiny)
         return (tiny_reward_model(model) if head == "reward" else model), tokenizer

@@ -61,6 +61,8 @@ class _TokenLogprob(torch.autograd.Function):
 
 def _base_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     """The decoder trunk and linear LM head, or None when the head is not a plain Linear."""
+    if hasattr(model, "get_base_model"):  # peft: adapters live inside the wrapped model's layers
+        model = model.get_base_model()
     config = getattr(model, "config", None)
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return None

@@ -73,5 +73,19 @@ def latest_checkpoint(root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def restore_weights(model, checkpoint: Path) -> None:
+    """Load the weights saved by `save_checkpoint` into `model` (adapters only for peft models)."""
+    from safetensors.torch import load_file
+
+    folder = checkpoint / "model"
+    if (folder / "adapter_model.safetensors").exists():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
+        return
+    restored = type(model).from_pretrained(folder, dtype=next(model.parameters()).dtype)
+    model.load_state_dict(restored.state_dict())
+
+
 def load_state(checkpoint: Path) -> dict:
     return torch.load(checkpoint / "state.pt", weights_only=False)

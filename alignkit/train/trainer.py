@@ -13,7 +13,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from alignkit.train.checkpoint import latest_checkpoint, load_state, save_checkpoint, set_rng_state
+from alignkit.train.checkpoint import (
+    latest_checkpoint,
+    load_state,
+    restore_weights,
+    save_checkpoint,
+    set_rng_state,
+)
 from alignkit.train.objectives import Objective
 from alignkit.train.progress import ProgressReporter
 from alignkit.train.rundir import RunDir
@@ -197,9 +203,7 @@ class Trainer:
                                self._state(), keep=self.cfg.keep_checkpoints)
 
     def _restore(self, checkpoint: Path) -> None:
-        dtype = next(self.model.parameters()).dtype
-        restored = type(self.model).from_pretrained(checkpoint / "model", dtype=dtype)
-        self.model.load_state_dict(restored.state_dict())
+        restore_weights(self.model, checkpoint)
         state = load_state(checkpoint)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
