@@ -7,10 +7,9 @@ import torch
 
 from alignkit.algorithms import PREFERENCE_LOSSES, UNPAIRED_LOSSES
 from alignkit.config import build
-from alignkit.models import tiny_model_and_tokenizer
+from alignkit.models import completion_logprobs, tiny_model_and_tokenizer
 from alignkit.tasks import CipherTask
 from alignkit.train import RunConfig, train
-from alignkit.train.objectives import score
 
 
 def _run(tmp_path, command, model, tok, **sections):
@@ -49,7 +48,7 @@ def test_unpaired_losses_learn_from_thumbs_up_and_down(tmp_path, loss):
     assert type(objective).__name__ == "UnpairedObjective"
     held_out = objective.splits["eval"]
     with torch.no_grad():
-        logps, _ = score(model, [e.encoded for e in held_out], objective.pad_id)
+        logps, _ = completion_logprobs(model, [e.encoded for e in held_out], objective.pad_id)
     reward = logps - objective.reference["eval"][:, 0]
     good = torch.tensor([e.label for e in held_out])
     auc = (reward[good][:, None] > reward[~good][None, :]).float().mean().item()

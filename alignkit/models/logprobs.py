@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from alignkit.data.tokenize import Encoded, collate
+
 CHUNK_BYTES = 4 * 2**20  # float32 logits held at once per chunk
 
 
@@ -105,3 +107,10 @@ def sequence_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
                       score_mask: Tensor) -> Tensor:
     """Summed log-probs of the scored tokens of each sequence: [B]."""
     return token_logprobs(model, input_ids, attention_mask, score_mask).sum(1)
+
+
+def completion_logprobs(model: nn.Module, encoded: list[Encoded], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Summed completion log-probs [n] and completion lengths [n] of encoded (prompt, completion)s."""
+    batch = collate(encoded, pad_id).to(next(model.parameters()).device)
+    token_lp = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.score_mask)
+    return token_lp.sum(1), batch.lengths

@@ -27,7 +27,7 @@ from alignkit.algorithms import (
     unpaired_loss,
 )
 from alignkit.data.tokenize import Encoded, collate
-from alignkit.models.logprobs import token_logprobs
+from alignkit.models.logprobs import completion_logprobs, token_logprobs
 from alignkit.registry import Registry
 
 OBJECTIVES = Registry("objective")
@@ -53,14 +53,6 @@ class RatedExample:
 
     def __len__(self) -> int:
         return len(self.encoded)
-
-
-def score(model, encoded: list[Encoded], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Summed completion log-probs [n] and completion lengths [n] for a list of sequences."""
-    device = next(model.parameters()).device
-    batch = collate(encoded, pad_id).to(device)
-    token_lp = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.score_mask)
-    return token_lp.sum(1), batch.lengths
 
 
 class RunningShift:
@@ -166,7 +158,7 @@ class Objective:
         for start in range(0, len(order), batch_size):
             ids = order[start:start + batch_size]
             seqs = [s for i in ids for s in self.reference_sequences(examples[i])]
-            lp, _ = score(model, seqs, self.pad_id)
+            lp, _ = completion_logprobs(model, seqs, self.pad_id)
             lp = lp.view(len(ids), -1).cpu()
             if out is None:
                 out = torch.zeros(len(examples), lp.shape[1])
@@ -212,7 +204,7 @@ class PairedObjective(Objective):
     def loss_sum(self, model, examples: list, split: str, stats: dict, train: bool):
         ids = [i for i, _ in examples]
         seqs = [s for _, e in examples for s in (e.chosen, e.rejected)]
-        lp, lengths = score(model, seqs, self.pad_id)
+        lp, lengths = completion_logprobs(model, seqs, self.pad_id)
         lp_w, lp_l, len_w, len_l = lp[0::2], lp[1::2], lengths[0::2], lengths[1::2]
         ref_w = ref_l = None
         if self.uses_reference:
@@ -254,7 +246,7 @@ class UnpairedObjective(Objective):
     @torch.no_grad()
     def _kl_point(self, model, examples: list, split: str) -> Tensor:
         ids = [i for i, _ in examples]
-        lp, _ = score(model, [e.mismatched for _, e in examples], self.pad_id)
+        lp, _ = completion_logprobs(model, [e.mismatched for _, e in examples], self.pad_id)
         return kto_reference_point(lp, self.reference[split][ids, 1].to(lp.device))
 
     def _stats(self, model, examples: list, split: str) -> dict:
@@ -267,7 +259,7 @@ class UnpairedObjective(Objective):
 
     def loss_sum(self, model, examples: list, split: str, stats: dict, train: bool):
         ids = [i for i, _ in examples]
-        lp, _ = score(model, [e.encoded for _, e in examples], self.pad_id)
+        lp, _ = completion_logprobs(model, [e.encoded for _, e in examples], self.pad_id)
         ref = self.reference[split][ids, 0].to(lp.device)
         labels = torch.tensor([e.label for _, e in examples], device=lp.device)
         stats = stats or self._stats(model, examples, split)
