@@ -1,5 +1,6 @@
 """Reward sources: implicit log-ratio rewards and rule rewards with their failure policies."""
 
+import math
 import time
 
 import pytest
@@ -8,7 +9,19 @@ import torch
 from alignkit.data import Encoder
 from alignkit.data.tokenize import collate
 from alignkit.models import naive_token_logprobs, tiny_model, tiny_tokenizer
-from alignkit.rewards import ImplicitReward, RewardError, RuleReward, load_rule
+from alignkit.rewards import (
+    ImplicitReward,
+    RewardError,
+    RuleReward,
+    RunningNorm,
+    Transformed,
+    clip,
+    length_penalty,
+    load_rule,
+    log_sigmoid_centered,
+    par,
+    reference_percentile,
+)
 
 PROMPTS, COMPLETIONS = ["abc=", "hello", "x="], ["def", "w", "yz!"]
 
@@ -93,3 +106,41 @@ def test_load_rule_from_a_file(tmp_path):
         load_rule(f"{broken}:f")
     with pytest.raises(ValueError, match="on_error"):
         RuleReward(exact, on_error="ignore")
+
+
+def _sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def test_par_and_log_sigmoid_centering_match_their_closed_forms():
+    r = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    ref = torch.tensor([[0.0, 1.0, 2.0], [-1.0, -3.0, 0.5]], dtype=torch.float64)
+    want_par = [(_sig(0.5) + _sig(-0.5) + _sig(-1.5)) / 3, (_sig(0.0) + _sig(2.0) + _sig(-1.5)) / 3]
+    assert par(r, ref).tolist() == pytest.approx(want_par, rel=1e-12)
+    center = reference_percentile(ref, 0.5)
+    assert center.tolist() == [1.0, -1.0]
+    want_lsc = [math.log(_sig(0.5 - 1.0)), math.log(_sig(0.0))]
+    assert log_sigmoid_centered(r, center).tolist() == pytest.approx(want_lsc, rel=1e-12)
+
+
+def test_running_norm_uses_every_reward_seen_and_checkpoints():
+    norm = RunningNorm()
+    norm(torch.tensor([1.0, 3.0]))
+    out = norm(torch.tensor([5.0, 7.0]))
+    mean, std = 4.0, math.sqrt(((1 - 4) ** 2 + (3 - 4) ** 2 + (5 - 4) ** 2 + (7 - 4) ** 2) / 4)
+    assert out.tolist() == pytest.approx([(5 - mean) / std, (7 - mean) / std], rel=1e-6)
+    copy = RunningNorm()
+    copy.load_state_dict(norm.state_dict())
+    assert copy(torch.tensor([4.0])).tolist() == pytest.approx(norm(torch.tensor([4.0])).tolist())
+
+
+def test_transforms_compose_on_any_source_and_keep_failures():
+    def rule(prompt, completion, reference):
+        if completion == "bad":
+            raise ValueError("no")
+        return float(len(completion))
+
+    source = Transformed(RuleReward(rule, failure_score=-5.0), length_penalty(0.5), clip(-3.0, 2.0))
+    scores = source.score(["p"] * 3, ["ab", "abcdef", "bad"])
+    assert scores.values.tolist() == [1.0, 2.0, -3.0]
+    assert scores.failed.tolist() == [False, False, True] and source.stats.failures == 1

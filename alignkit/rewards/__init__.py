@@ -3,5 +3,16 @@
 from alignkit.rewards.base import CallStats, RewardError, RewardSource, Scores
 from alignkit.rewards.implicit import ImplicitReward
 from alignkit.rewards.rules import RuleReward, load_rule
+from alignkit.rewards.transforms import (
+    RunningNorm,
+    Transformed,
+    clip,
+    length_penalty,
+    log_sigmoid_centered,
+    par,
+    reference_percentile,
+)
 
-__all__ = ["CallStats", "ImplicitReward", "RewardError", "RewardSource", "RuleReward", "Scores", "load_rule"]
+__all__ = ["CallStats", "ImplicitReward", "RewardError", "RewardSource", "RuleReward", "RunningNorm", "Scores",
+           "Transformed", "clip", "length_penalty", "load_rule", "log_sigmoid_centered", "par",
+           "reference_percentile"]

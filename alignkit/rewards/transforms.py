@@ -1,0 +1,92 @@
+"""Reward transforms (algorithms.md section 10), composable on any reward source.
+
+Pure functions on tensors, plus `Transformed(source, *steps)`, a reward source that applies steps
+in order. A step is any callable (values, prompts, completions) -> values; the stateful running
+normaliser keeps its state for checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from alignkit.rewards.base import Prompt, RewardSource, Scores
+
+Step = Callable[[Tensor, Sequence[Prompt], Sequence[str]], Tensor]
+
+
+def par(rewards: Tensor, reference_rewards: Tensor) -> Tensor:
+    """Preference As Reward: mean_m sigma(r - r_ref,m), bounded in (0, 1) and centred.
+
+    Fu et al. 2025 (arXiv 2502.18770); `reference_rewards` [n, M] scores M reference responses
+    (sampled from the SFT policy) for each row's prompt.
+    """
+    return torch.sigmoid(rewards[:, None] - reference_rewards).mean(dim=1)
+
+
+def log_sigmoid_centered(rewards: Tensor, reference: Tensor) -> Tensor:
+    """log sigma(r - r_ref(x)), Wang et al. 2024 (arXiv 2402.00742); r_ref is per prompt [n]."""
+    return F.logsigmoid(rewards - reference)
+
+
+def reference_percentile(reference_rewards: Tensor, q: float = 0.85) -> Tensor:
+    """The per-prompt reference reward r_ref(x) that paper suggests: a quantile of SFT samples' rewards."""
+    return torch.quantile(reference_rewards, q, dim=1)
+
+
+class RunningNorm:
+    """(r - mean) / std over every reward seen so far (Welford), for stable PPO rewards."""
+
+    def __init__(self, eps: float = 1e-8):
+        self.count, self.mean, self.m2, self.eps = 0, 0.0, 0.0, eps
+
+    def update(self, values: Tensor) -> None:
+        for x in values.double().tolist():
+            self.count += 1
+            delta = x - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (x - self.mean)
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / self.count) ** 0.5 if self.count > 1 else 1.0
+
+    def __call__(self, values: Tensor, prompts=None, completions=None) -> Tensor:
+        self.update(values)
+        return (values - self.mean) / (self.std + self.eps)
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
+
+
+def clip(low: float, high: float) -> Step:
+    return lambda values, prompts=None, completions=None: values.clamp(low, high)
+
+
+def length_penalty(alpha: float, length: Callable[[str], int] = len) -> Step:
+    """r - alpha * length(completion); characters by default, or pass a token counter."""
+    def step(values, prompts, completions):
+        lengths = torch.tensor([length(c) for c in completions], dtype=values.dtype)
+        return values - alpha * lengths
+    return step
+
+
+class Transformed:
+    """A reward source whose scores pass through `steps` in order; failures stay marked."""
+
+    def __init__(self, source: RewardSource, *steps: Step):
+        self.source, self.steps = source, steps
+        self.stats = source.stats
+
+    def score(self, prompts, completions, references=None) -> Scores:
+        scores = self.source.score(prompts, completions, references)
+        values = scores.values
+        for step in self.steps:
+            values = step(values, prompts, completions)
+        return Scores(values, scores.uncertainty, scores.failed)
