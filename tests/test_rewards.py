@@ -10,8 +10,10 @@ from alignkit.data import Encoder
 from alignkit.data.tokenize import collate
 from alignkit.models import naive_token_logprobs, tiny_model, tiny_tokenizer
 from alignkit.rewards import (
+    Ensemble,
     ImplicitReward,
     RewardError,
+    RewardModel,
     RuleReward,
     RunningNorm,
     Transformed,
@@ -144,3 +146,38 @@ def test_transforms_compose_on_any_source_and_keep_failures():
     scores = source.score(["p"] * 3, ["ab", "abcdef", "bad"])
     assert scores.values.tolist() == [1.0, 2.0, -3.0]
     assert scores.failed.tolist() == [False, False, True] and source.stats.failures == 1
+
+
+def _constant(values):
+    """A source that gives `values` to the samples in order."""
+    by_completion = dict(zip("ab", values, strict=False))
+    return RuleReward(lambda prompt, completion, reference: by_completion[completion])
+
+
+def test_ensemble_aggregates_and_reports_the_spread_as_uncertainty():
+    members = lambda: [_constant([1.0, 0.0]), _constant([3.0, 0.0]), _constant([5.0, 3.0])]  # noqa: E731
+    mean = Ensemble(members(), "mean").score(["p", "q"], ["a", "b"])
+    assert mean.values.tolist() == [3.0, 1.0]
+    spread = [math.sqrt(8 / 3), math.sqrt(2.0)]
+    assert mean.uncertainty.tolist() == pytest.approx(spread, rel=1e-6)
+    assert Ensemble(members(), "min").score(["p", "q"], ["a", "b"]).values.tolist() == [1.0, 0.0]
+    cautious = Ensemble(members(), "mean_minus_std", k=0.5).score(["p", "q"], ["a", "b"]).values
+    assert cautious.tolist() == pytest.approx([3 - 0.5 * spread[0], 1 - 0.5 * spread[1]], rel=1e-6)
+    with pytest.raises(ValueError, match="at least two"):
+        Ensemble([_constant([1.0])])
+    with pytest.raises(KeyError, match="unknown ensemble aggregate"):
+        Ensemble(members(), "median")
+
+
+def test_reward_model_source_scores_like_the_trained_classifier():
+    from alignkit.models import tiny_reward_model
+    from alignkit.train.objectives import rewards
+
+    tok = tiny_tokenizer(128)
+    model = tiny_reward_model(tiny_model(seed=3))
+    source = RewardModel(model, tok, batch_size=2)
+    got = source.score(PROMPTS, COMPLETIONS).values
+    encoded = [Encoder(tok).encode(p, c) for p, c in zip(PROMPTS, COMPLETIONS, strict=True)]
+    with torch.no_grad():
+        torch.testing.assert_close(got, rewards(model, encoded, tok.pad_token_id))
+    assert source.stats.items == 3

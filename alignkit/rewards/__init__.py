@@ -2,6 +2,7 @@
 
 from alignkit.rewards.base import CallStats, RewardError, RewardSource, Scores
 from alignkit.rewards.implicit import ImplicitReward
+from alignkit.rewards.models import AGGREGATES, Ensemble, RewardModel
 from alignkit.rewards.rules import RuleReward, load_rule
 from alignkit.rewards.transforms import (
     RunningNorm,
@@ -13,6 +14,22 @@ from alignkit.rewards.transforms import (
     reference_percentile,
 )
 
-__all__ = ["CallStats", "ImplicitReward", "RewardError", "RewardSource", "RuleReward", "RunningNorm", "Scores",
-           "Transformed", "clip", "length_penalty", "load_rule", "log_sigmoid_centered", "par",
-           "reference_percentile"]
+__all__ = [
+    "AGGREGATES",
+    "CallStats",
+    "Ensemble",
+    "ImplicitReward",
+    "RewardError",
+    "RewardModel",
+    "RewardSource",
+    "RuleReward",
+    "RunningNorm",
+    "Scores",
+    "Transformed",
+    "clip",
+    "length_penalty",
+    "load_rule",
+    "log_sigmoid_centered",
+    "par",
+    "reference_percentile",
+]

@@ -1,0 +1,72 @@
+"""Reward sources built on trained models: a scalar reward model, and ensembles of sources."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from alignkit.data.tokenize import Encoder, TokenizeConfig, collate
+from alignkit.registry import Registry
+from alignkit.rewards.base import CallStats, Prompt, RewardSource, Scores
+
+AGGREGATES = Registry("ensemble aggregate")
+
+
+class RewardModel:
+    """A one-output sequence classifier (what `alignkit reward` trains) as a reward source."""
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 16, tokenize: TokenizeConfig | None = None):
+        self.model, self.batch_size = model, batch_size
+        self.encoder, self.pad_id = Encoder(tokenizer, tokenize), tokenizer.pad_token_id
+        self.stats = CallStats()
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str], references=None) -> Scores:
+        encoded = [self.encoder.encode(p, c) for p, c in zip(prompts, completions, strict=True)]
+        device = next(self.model.parameters()).device
+        values = []
+        with self.stats.timed(len(encoded)):
+            for start in range(0, len(encoded), self.batch_size):
+                batch = collate(encoded[start:start + self.batch_size], self.pad_id).to(device)
+                out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                values.append(out.logits[:, 0].float().cpu())
+        return Scores(torch.cat(values))
+
+
+@AGGREGATES.register("mean", summary="mean of the members", paper="Coste et al. 2023, arXiv 2310.02743")
+def _mean(rewards: torch.Tensor, *, k: float = 1.0) -> torch.Tensor:
+    return rewards.mean(0)
+
+
+@AGGREGATES.register("min", summary="worst case (WCO)", paper="Coste et al. 2023, arXiv 2310.02743")
+def _min(rewards: torch.Tensor, *, k: float = 1.0) -> torch.Tensor:
+    return rewards.min(0).values
+
+
+@AGGREGATES.register("mean_minus_std", summary="mean - k * std", paper="Eisenstein et al. 2023, arXiv 2312.09244")
+def _mean_minus_std(rewards: torch.Tensor, *, k: float = 1.0) -> torch.Tensor:
+    return rewards.mean(0) - k * rewards.std(0, unbiased=False)
+
+
+class Ensemble:
+    """K reward sources scored together; the members' spread (std) is the uncertainty.
+
+    A member's failure marks the sample failed; the aggregate still uses every member's value.
+    """
+
+    def __init__(self, members: Sequence[RewardSource], aggregate: str = "mean", k: float = 1.0):
+        if len(members) < 2:
+            raise ValueError("an ensemble needs at least two members")
+        AGGREGATES.get(aggregate)
+        self.members, self.aggregate, self.k = list(members), aggregate, k
+        self.stats = CallStats()
+
+    def score(self, prompts, completions, references=None) -> Scores:
+        with self.stats.timed(len(prompts)):
+            results = [m.score(prompts, completions, references) for m in self.members]
+        rewards = torch.stack([r.values for r in results])
+        failures = [r.failed for r in results if r.failed is not None]
+        failed = torch.stack(failures).any(0) if failures else None
+        values = AGGREGATES.call(self.aggregate, rewards, k=self.k)
+        return Scores(values, uncertainty=rewards.std(0, unbiased=False), failed=failed)
