@@ -93,8 +93,8 @@ def test_bradley_terry_reward_model_learns_the_hidden_rule(tmp_path):
 def test_saved_reward_model_reloads_in_plain_transformers(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
+    from alignkit.models.logprobs import reward_scores as rewards
     from alignkit.train.checkpoint import latest_checkpoint
-    from alignkit.train.objectives import rewards
 
     result, tok = _reward_run(tmp_path, {"name": "r3m", "lam": 0.5}, steps=4, flip_rate=0.3)
     saved = latest_checkpoint(result.run.checkpoints) / "model"

@@ -171,7 +171,7 @@ def test_ensemble_aggregates_and_reports_the_spread_as_uncertainty():
 
 def test_reward_model_source_scores_like_the_trained_classifier():
     from alignkit.models import tiny_reward_model
-    from alignkit.train.objectives import rewards
+    from alignkit.models.logprobs import reward_scores as rewards
 
     tok = tiny_tokenizer(128)
     model = tiny_reward_model(tiny_model(seed=3))

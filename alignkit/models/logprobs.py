@@ -114,3 +114,9 @@ def completion_logprobs(model: nn.Module, encoded: list[Encoded], pad_id: int) -
     batch = collate(encoded, pad_id).to(next(model.parameters()).device)
     token_lp = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.score_mask)
     return token_lp.sum(1), batch.lengths
+
+
+def reward_scores(model: nn.Module, encoded: list[Encoded], pad_id: int) -> Tensor:
+    """Scalar scores [n] of a one-output sequence classifier, read at each sequence's last token."""
+    batch = collate(encoded, pad_id).to(next(model.parameters()).device)
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0].float()

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from alignkit.data.tokenize import Encoder, TokenizeConfig, collate
+from alignkit.data.tokenize import Encoder, TokenizeConfig
+from alignkit.models.logprobs import reward_scores
 from alignkit.registry import Registry
 from alignkit.rewards.base import CallStats, Prompt, RewardSource, Scores
 
@@ -24,13 +25,9 @@ class RewardModel:
     @torch.no_grad()
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str], references=None) -> Scores:
         encoded = [self.encoder.encode(p, c) for p, c in zip(prompts, completions, strict=True)]
-        device = next(self.model.parameters()).device
-        values = []
         with self.stats.timed(len(encoded)):
-            for start in range(0, len(encoded), self.batch_size):
-                batch = collate(encoded[start:start + self.batch_size], self.pad_id).to(device)
-                out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-                values.append(out.logits[:, 0].float().cpu())
+            values = [reward_scores(self.model, encoded[start:start + self.batch_size], self.pad_id).cpu()
+                      for start in range(0, len(encoded), self.batch_size)]
         return Scores(torch.cat(values))
 
 

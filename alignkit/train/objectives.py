@@ -27,7 +27,7 @@ from alignkit.algorithms import (
     unpaired_loss,
 )
 from alignkit.data.tokenize import Encoded, collate
-from alignkit.models.logprobs import completion_logprobs, token_logprobs
+from alignkit.models.logprobs import completion_logprobs, reward_scores, token_logprobs
 from alignkit.registry import Registry
 
 OBJECTIVES = Registry("objective")
@@ -276,12 +276,6 @@ class UnpairedObjective(Objective):
         return losses.sum(), metrics
 
 
-def rewards(model, encoded: list[Encoded], pad_id: int) -> Tensor:
-    """Scalar scores [n] of a sequence classifier with one output, at each sequence's last token."""
-    batch = collate(encoded, pad_id).to(next(model.parameters()).device)
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0].float()
-
-
 @OBJECTIVES.register("reward", summary="scalar reward model on (prompt, chosen, rejected)")
 class RewardObjective(Objective):
     def __init__(self, splits, pad_id, options):
@@ -292,7 +286,7 @@ class RewardObjective(Objective):
 
     def loss_sum(self, model, examples: list, split: str, stats: dict, train: bool):
         ids = [i for i, _ in examples]
-        scores = rewards(model, [s for _, e in examples for s in (e.chosen, e.rejected)], self.pad_id)
+        scores = reward_scores(model, [s for _, e in examples for s in (e.chosen, e.rejected)], self.pad_id)
         r_w, r_l = scores[0::2], scores[1::2]
         config = dict(self.loss_config)
         if self.outliers is not None and train:
