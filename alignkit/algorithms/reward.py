@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from alignkit.algorithms.preference import _check_lam, r3m_delta
+from alignkit.algorithms.preference import _check_lam, normalize_config, r3m_delta
 from alignkit.registry import Registry
 
 REWARD_LOSSES = Registry("reward loss")
@@ -19,9 +19,7 @@ register = REWARD_LOSSES.register
 def reward_loss(name: str, *, chosen_rewards: Tensor, rejected_rewards: Tensor,
                 margins: Tensor | None = None, **config) -> Tensor:
     """Per-example loss [batch] of the registered reward loss `name`."""
-    if "lambda" in config:
-        config["lam"] = config.pop("lambda")
-    return REWARD_LOSSES.call(name, chosen_rewards, rejected_rewards, margins, **config)
+    return REWARD_LOSSES.call(name, chosen_rewards, rejected_rewards, margins, **normalize_config(config))
 
 
 @register("bradley_terry", summary="-log sigma(r_w - r_l - m), optional margin m and centring",

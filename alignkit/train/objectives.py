@@ -230,7 +230,6 @@ class PairedObjective(Objective):
         return losses.sum(), metrics
 
 
-
 @OBJECTIVES.register("unpaired", summary="KTO / BCO on (prompt, completion, thumbs up/down)")
 class UnpairedObjective(Objective):
     def __init__(self, splits, pad_id, options):
