@@ -1,6 +1,14 @@
 """Reward sources: where a reward comes from, and how far it went wrong."""
 
-from alignkit.rewards.base import CallStats, RewardError, RewardSource, Scores
+from alignkit.rewards.base import (
+    CallStats,
+    PairwiseJudge,
+    Preference,
+    RewardComparison,
+    RewardError,
+    RewardSource,
+    Scores,
+)
 from alignkit.rewards.implicit import ImplicitReward
 from alignkit.rewards.models import AGGREGATES, Ensemble, RewardModel
 from alignkit.rewards.rules import RuleReward, load_rule
@@ -19,6 +27,9 @@ __all__ = [
     "CallStats",
     "Ensemble",
     "ImplicitReward",
+    "PairwiseJudge",
+    "Preference",
+    "RewardComparison",
     "RewardError",
     "RewardModel",
     "RewardSource",

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 Prompt = str | list[dict]
@@ -35,6 +36,8 @@ class CallStats:
     failures: int = 0
     timeouts: int = 0
     seconds: float = 0.0
+    prompt_tokens: int = 0      # tokens sent to and received from generative backends
+    completion_tokens: int = 0
     examples: list[str] = field(default_factory=list)  # the first few failure messages
 
     @contextmanager
@@ -56,7 +59,24 @@ class CallStats:
     def metrics(self, prefix: str) -> dict[str, float]:
         return {f"{prefix}/calls": self.calls, f"{prefix}/items": self.items,
                 f"{prefix}/failures": self.failures, f"{prefix}/timeouts": self.timeouts,
-                f"{prefix}/seconds_per_call": self.seconds / max(self.calls, 1)}
+                f"{prefix}/seconds_per_call": self.seconds / max(self.calls, 1),
+                f"{prefix}/prompt_tokens": self.prompt_tokens, f"{prefix}/completion_tokens": self.completion_tokens}
+
+
+@dataclass
+class Preference:
+    """P(a better than b) per pair; `uncertainty` where the judge can tell, `failed` marks failures.
+
+    A failed pair (judge error, unparsable verdict under the abstain policy) has probability 0.5.
+    """
+
+    probs: Tensor
+    uncertainty: Tensor | None = None
+    failed: Tensor | None = None
+
+    @property
+    def logits(self) -> Tensor:
+        return torch.logit(self.probs.double().clamp(1e-12, 1 - 1e-12)).float()
 
 
 class RewardSource(Protocol):
@@ -66,3 +86,34 @@ class RewardSource(Protocol):
 
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str],
               references: Sequence[str | None] | None = None) -> Scores: ...
+
+
+class PairwiseJudge(Protocol):
+    """Anything that compares two completions of one prompt, in batches."""
+
+    stats: CallStats
+
+    def compare(self, prompts: Sequence[Prompt], a: Sequence[str], b: Sequence[str]) -> Preference: ...
+
+
+class RewardComparison:
+    """Any reward source as a pairwise judge: P(a > b) = sigma(r_a - r_b) (Bradley-Terry).
+
+    Uncertainty, where the source reports one per score, is sqrt(u_a^2 + u_b^2), the spread of
+    the difference for independent errors.
+    """
+
+    def __init__(self, source: RewardSource):
+        self.source, self.stats = source, source.stats
+
+    def compare(self, prompts, a, b) -> Preference:
+        scores = self.source.score(list(prompts) * 2, list(a) + list(b))
+        n = len(prompts)
+        values, uncertainty, failed = scores.values, scores.uncertainty, scores.failed
+        probs = torch.sigmoid(values[:n] - values[n:]).float()
+        if uncertainty is not None:
+            uncertainty = (uncertainty[:n] ** 2 + uncertainty[n:] ** 2).sqrt()
+        if failed is not None:
+            failed = failed[:n] | failed[n:]
+            probs = torch.where(failed, torch.full_like(probs, 0.5), probs)
+        return Preference(probs, uncertainty, failed)
