@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -90,6 +91,32 @@ def cmd_reward(args) -> int:
     return _run_training("reward", args, {"model.name": args.model, "loss.name": args.loss})
 
 
+@COMMANDS.register("pairwise-rm", summary="train a pairwise preference model P(a > b) with SNGP uncertainty")
+def cmd_pairwise_rm(args) -> int:
+    return _run_training("pairwise-rm", args, {"model.name": args.model})
+
+
+@COMMANDS.register("judge-sft", summary="Think-RM stage 1: SFT a generative judge on judgement traces")
+def cmd_judge_sft(args) -> int:
+    return _run_training("judge-sft", args, {"model.name": args.model})
+
+
+@COMMANDS.register("serve", summary="serve a model over an OpenAI-compatible chat-completions API",
+                   arguments="alignkit.serve:add_arguments")
+def cmd_serve(args) -> int:
+    from alignkit.serve import run
+
+    return run(args)
+
+
+@COMMANDS.register("eval-rm", summary="evaluate a reward source on comparisons: accuracy, calibration, length bias",
+                   arguments="alignkit.evaluation.cli:add_arguments")
+def cmd_eval_rm(args) -> int:
+    from alignkit.evaluation.cli import run
+
+    return run(args)
+
+
 @COMMANDS.register("dpo", summary="alias of `preference` (default loss dpo)")
 def cmd_dpo(args) -> int:
     return cmd_preference(args)
@@ -104,6 +131,11 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _import(spec: str):
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignkit", description="Train language models from feedback.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
         if entry.name == "demo":
             p.add_argument("--quick", action="store_true", help="a one-minute version")
             p.add_argument("--output-dir", default="runs")
+            continue
+        if "arguments" in entry.meta:
+            _import(entry.meta["arguments"])(p)
             continue
         _common(p)
         if entry.name in ("preference", "dpo", "reward"):

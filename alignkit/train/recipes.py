@@ -112,9 +112,12 @@ def load_splits(cfg: DataConfig, kind: str) -> tuple[list, list, list[str]]:
     return train, evaluation, files
 
 
+FIXED_OBJECTIVES = {"sft": "sft", "reward": "reward", "pairwise-rm": "pairwise", "judge-sft": "judge_sft"}
+
+
 def objective_name(cfg: RunConfig, command: str) -> str:
-    if command in ("sft", "reward"):
-        return command
+    if command in FIXED_OBJECTIVES:
+        return FIXED_OBJECTIVES[command]
     loss = cfg.loss.get("name", "dpo")
     if loss in UNPAIRED_LOSSES and (cfg.data.kind == "rating" or loss not in PREFERENCE_LOSSES):
         return "unpaired"

@@ -1,0 +1,1 @@
+"""Reward-source evaluation: metrics and the `alignkit eval-rm` command."""

@@ -1,0 +1,1 @@
+"""Generative judges: templates, verdict parsing, and local or HTTP backends."""
