@@ -60,6 +60,20 @@ class PromptRecord:
     origin: str = ""
 
 
+@dataclass(frozen=True)
+class Judgement:
+    """A judge's worked comparison of answers a and b: reasoning, then a verdict A, B or tie."""
+
+    prompt: Prompt
+    a: str
+    b: str
+    verdict: str
+    reasoning: str = ""
+    index: int = 0
+    origin: str = ""
+
+
+VERDICTS = ("A", "B", "tie")
 RECORD_KINDS = Registry("record kind")
 
 
@@ -108,9 +122,23 @@ def parse_prompt(raw: dict[str, Any]) -> PromptRecord:
     return PromptRecord(_prompt(raw), _optional_text(raw, "reference"))
 
 
+@RECORD_KINDS.register(
+    "judgement",
+    summary="a prompt, answers a and b, a verdict (A, B or tie) and optional reasoning (judge training)",
+    record_type=Judgement,
+)
+def parse_judgement(raw: dict[str, Any]) -> Judgement:
+    verdict = _text(raw, "verdict").strip()
+    canonical = {v.lower(): v for v in VERDICTS}.get(verdict.lower())
+    if canonical is None:
+        raise FieldError("verdict", f"expected one of {', '.join(VERDICTS)}, got {verdict!r}")
+    reasoning = _optional_text(raw, "reasoning") or ""
+    return Judgement(_prompt(raw), _text(raw, "a"), _text(raw, "b"), canonical, reasoning)
+
+
 # CSV cells are all strings: these fields get converted before parsing, and blank optional cells dropped.
 TRUE_WORDS, FALSE_WORDS = {"true", "1", "yes"}, {"false", "0", "no"}
-OPTIONAL_FIELDS = {"margin", "score_chosen", "score_rejected", "subset", "reference"}
+OPTIONAL_FIELDS = {"margin", "score_chosen", "score_rejected", "subset", "reference", "reasoning"}
 
 
 def _float_from_text(field: str, text: str) -> float:
