@@ -73,6 +73,18 @@ class Judgement:
     origin: str = ""
 
 
+@dataclass(frozen=True)
+class BestOfN:
+    """A prompt with correct completions and incorrect ones (RewardBench 2's best-of-4 shape)."""
+
+    prompt: Prompt
+    chosen: tuple[str, ...]
+    rejected: tuple[str, ...]
+    subset: str | None = None
+    index: int = 0
+    origin: str = ""
+
+
 VERDICTS = ("A", "B", "tie")
 RECORD_KINDS = Registry("record kind")
 
@@ -134,6 +146,23 @@ def parse_judgement(raw: dict[str, Any]) -> Judgement:
         raise FieldError("verdict", f"expected one of {', '.join(VERDICTS)}, got {verdict!r}")
     reasoning = _optional_text(raw, "reasoning") or ""
     return Judgement(_prompt(raw), _text(raw, "a"), _text(raw, "b"), canonical, reasoning)
+
+
+@RECORD_KINDS.register(
+    "best_of_n",
+    summary="a prompt, a list of correct (`chosen`) and a list of incorrect (`rejected`) completions",
+    record_type=BestOfN,
+)
+def parse_best_of_n(raw: dict[str, Any]) -> BestOfN:
+    chosen, rejected = _text_list(raw, "chosen"), _text_list(raw, "rejected")
+    return BestOfN(_prompt(raw), chosen, rejected, _optional_text(raw, "subset"))
+
+
+def _text_list(raw: dict[str, Any], field: str) -> tuple[str, ...]:
+    value = _required(raw, field)
+    if not isinstance(value, list) or not value:
+        raise FieldError(field, f"expected a non-empty list of strings, got {_describe(value)}")
+    return tuple(_non_empty(f"{field}[{i}]", item) for i, item in enumerate(value))
 
 
 # CSV cells are all strings: these fields get converted before parsing, and blank optional cells dropped.
