@@ -180,3 +180,17 @@ def test_rule_reward_from_the_command_line_survives_a_hanging_function(tmp_path,
     assert isinstance(source, RuleReward)
     report, _ = evaluate(source, load_eval_records(str(pairs_file)))
     assert report["failed"] == 4 and report["source_metrics"]["source/timeouts"] == 8
+
+
+def test_transforms_compose_on_any_source_from_a_yaml_spec(tmp_path, pairs_file, rules):
+    spec = tmp_path / "shaped.yaml"
+    spec.write_text(f"kind: transformed\nsource: rule:{rules}:length\n"
+                    "steps: [{length_penalty: {alpha: 2.0}}, {clip: {low: -10, high: 10}}, running_norm]\n")
+    source = build_source(str(spec))
+    scores = source.score(["q", "q"], ["abc", "a" * 30])
+    raw = torch.tensor([-3.0, -10.0])                            # 3 - 2*3, and 30 - 60 clipped to -10
+    assert scores.values.tolist() == pytest.approx(((raw - raw.mean()) / raw.std(unbiased=False)).tolist(), abs=1e-6)
+    report, _ = evaluate(build_source(str(spec)), load_eval_records(str(pairs_file)))
+    assert report["accuracy"] == 0.25                            # the penalty now prefers the shorter answers
+    with pytest.raises(KeyError, match="unknown reward transform"):
+        build_source({"kind": "transformed", "source": f"rule:{rules}:length", "steps": ["square"]})

@@ -11,11 +11,15 @@ from rich.table import Table
 from alignkit.data.loaders import DataError, load_records
 from alignkit.evaluation.rm import agreement_report, evaluate
 from alignkit.rewards.specs import SOURCES, build_source
+from alignkit.tasks import TASKS
+
+HELD_OUT_SEED = 10_000  # the eval seed of built-in task data (recipes: data.seed + 10_000)
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("data", help="comparisons (prompt/chosen/rejected[/subset]) or best-of-n sets "
-                                     "(chosen and rejected lists); any format `alignkit` reads")
+                                     "(chosen and rejected lists) in any format alignkit reads, or "
+                                     "task:NAME[:N] for N held-out pairs of a built-in task")
     parser.add_argument("--source", action="append", required=True, metavar="SPEC",
                         help="KIND:TARGET[,key=value...] or a YAML file; repeat to compare sources. Kinds: "
                              + ", ".join(SOURCES.names()))
@@ -28,7 +32,11 @@ def add_arguments(parser) -> None:
 
 
 def load_eval_records(path: str, split: str = "train") -> list:
-    """Comparisons, or best-of-n sets when `chosen` holds a list."""
+    """Comparisons, or best-of-n sets when `chosen` holds a list; `task:NAME[:N]` for a built-in task's
+    held-out comparisons (N pairs, default 200, from the seed training runs hold out)."""
+    if path.startswith("task:"):
+        _, name, size = (path.split(":") + ["200"])[:3]
+        return TASKS.get(name).fn().comparisons(int(size), seed=HELD_OUT_SEED)[0]
     try:
         return load_records(path, "comparison", split=split).records
     except DataError as err:

@@ -11,6 +11,7 @@ A spec is `KIND:TARGET[,key=value...]` or a YAML file holding a mapping with `ki
     judge:runs/judge-sft-1,swap=false            generative pairwise judge on a local model
     scorer:http://127.0.0.1:8000                 generative pointwise judge (scores 1..9)
     router.yaml                                  {kind: router, fast: SPEC, strong: SPEC, threshold: 1.4}
+    shaped.yaml                                  {kind: transformed, source: SPEC, steps: [running_norm]}
 
 Values are read as YAML scalars (`true`, `0.1`, `null`). A nested spec (router, ensemble) is a
 string spec or a mapping.
@@ -162,6 +163,13 @@ def _router(*, fast, strong, **options):
         return source if hasattr(source, "compare") else RewardComparison(source)
 
     return UncertaintyRouter(judge(fast), judge(strong), **options)
+
+
+@SOURCES.register("transformed", summary="a source whose scores pass through transforms (YAML spec)")
+def _transformed(*, source, steps):
+    from alignkit.rewards.transforms import Transformed, build_steps
+
+    return Transformed(build_source(source), *build_steps(steps))
 
 
 @SOURCES.register("ensemble", summary="K reward sources aggregated by mean, min or mean minus k std (YAML spec)")

@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from alignkit.registry import Registry
 from alignkit.rewards.base import Prompt, RewardSource, Scores
 
 Step = Callable[[Tensor, Sequence[Prompt], Sequence[str]], Tensor]
+STEPS = Registry("reward transform")  # the steps a config or command line can name
 
 
 def par(rewards: Tensor, reference_rewards: Tensor) -> Tensor:
@@ -37,6 +39,7 @@ def reference_percentile(reference_rewards: Tensor, q: float = 0.85) -> Tensor:
     return torch.quantile(reference_rewards, q, dim=1)
 
 
+@STEPS.register("running_norm", summary="(r - mean) / std over every reward seen so far")
 class RunningNorm:
     """(r - mean) / std over every reward seen so far (Welford), for stable PPO rewards."""
 
@@ -65,10 +68,12 @@ class RunningNorm:
         self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
 
 
+@STEPS.register("clip", summary="clamp rewards to [low, high]")
 def clip(low: float, high: float) -> Step:
     return lambda values, prompts=None, completions=None: values.clamp(low, high)
 
 
+@STEPS.register("length_penalty", summary="r - alpha * length (characters)")
 def length_penalty(alpha: float, length: Callable[[str], int] = len) -> Step:
     """r - alpha * length(completion); characters by default, or pass a token counter."""
     def step(values, prompts, completions):
@@ -90,3 +95,12 @@ class Transformed:
         for step in self.steps:
             values = step(values, prompts, completions)
         return Scores(values, scores.uncertainty, scores.failed)
+
+
+def build_steps(config: list[dict | str]) -> list[Step]:
+    """Steps from config: ["running_norm", {"clip": {"low": -5, "high": 5}}, {"length_penalty": {"alpha": 0.01}}]."""
+    steps = []
+    for item in config:
+        name, options = (item, {}) if isinstance(item, str) else next(iter(item.items()))
+        steps.append(STEPS.get(name).fn(**(options or {})))
+    return steps
