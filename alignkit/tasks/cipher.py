@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from alignkit.data.records import Comparison, Demonstration, PromptRecord, Rating
+from alignkit.data.records import Comparison, Demonstration, Judgement, PromptRecord, Rating
 
 ALPHABET = "abcdefgh"
 
@@ -88,3 +88,32 @@ class CipherTask:
         rng = random.Random(seed)
         return [PromptRecord(p, self.answer(p), index=i, origin=f"cipher:{i}")
                 for i, p in enumerate(self._prompt(rng) for _ in range(n))]
+
+    def judgement_trace(self, prompt: str, a: str, b: str) -> tuple[str, str]:
+        """(reasoning, verdict) of a judge that solves the prompt, then marks each answer's wrong letters.
+
+        The trace format of Think-RM stage 1 (arXiv 2505.16265): reasoning the judge can be
+        trained to write, ending in a verdict A, B, or tie when both are equally wrong.
+        """
+        truth = self.answer(prompt)
+
+        def marked(answer: str) -> tuple[str, int]:
+            if len(answer) != len(truth):
+                return "wrong length", len(truth)
+            marks = "".join("=" if x == y else "x" for x, y in zip(answer, truth, strict=True))
+            return marks, marks.count("x")
+
+        (marks_a, wrong_a), (marks_b, wrong_b) = marked(a), marked(b)
+        verdict = "A" if wrong_a < wrong_b else "B" if wrong_b < wrong_a else "tie"
+        return f"solution {truth}\nA {marks_a} {wrong_a} wrong\nB {marks_b} {wrong_b} wrong", verdict
+
+    def judgements(self, n: int, seed: int = 0) -> list[Judgement]:
+        """Comparison pairs in random A/B order, each with the gold judge's reasoning and verdict."""
+        pairs, _ = self.comparisons(n, seed)
+        rng = random.Random(seed + 1)
+        records = []
+        for pair in pairs:
+            a, b = (pair.chosen, pair.rejected) if rng.random() < 0.5 else (pair.rejected, pair.chosen)
+            reasoning, verdict = self.judgement_trace(pair.prompt, a, b)
+            records.append(Judgement(pair.prompt, a, b, verdict, reasoning, index=pair.index, origin=pair.origin))
+        return records

@@ -13,10 +13,12 @@ from alignkit.algorithms import PREFERENCE_LOSSES, UNPAIRED_LOSSES
 from alignkit.config import build, to_dict
 from alignkit.data.loaders import load_records
 from alignkit.data.tokenize import Encoder, TokenizeConfig
+from alignkit.judges.templates import answer_text, pairwise_messages
 from alignkit.models.loading import ModelConfig, load_model_and_tokenizer
+from alignkit.models.pairwise import PairEncoder
 from alignkit.registry import Registry
 from alignkit.tasks import TASKS
-from alignkit.train.objectives import OBJECTIVES, PairExample, RatedExample
+from alignkit.train.objectives import OBJECTIVES, ComparisonExample, PairExample, RatedExample
 from alignkit.train.rundir import RunDir
 from alignkit.train.trainer import TrainConfig, Trainer
 
@@ -35,6 +37,7 @@ class DataConfig:
     eval_size: int = 200
     flip_rate: float = 0.0           # built-in comparisons: share of labels swapped (noise)
     seed: int = 0
+    judge_template: str = "pairwise"  # judge-sft: the prompt template judgements are rendered with
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
 
 
@@ -75,6 +78,22 @@ def _pair_examples(records, encoder: Encoder) -> list:
                         r.index, r.origin, r.margin) for r in records]
 
 
+@OBJECTIVE_DATA.register("judge_sft", kind="judgement", objective="sft", options=("judge_template",))
+def _judgement_examples(records, encoder: Encoder, judge_template: str = "pairwise") -> list:
+    """Think-RM stage 1 (arXiv 2505.16265): the judge prompt for (prompt, a, b) -> reasoning, then verdict."""
+    return [encoder.encode(pairwise_messages(judge_template, r.prompt, r.a, r.b), answer_text(r.verdict, r.reasoning))
+            for r in records]
+
+
+@OBJECTIVE_DATA.register("pairwise", kind="comparison", head="pairwise")
+def _comparison_examples(records, encoder: Encoder) -> list:
+    pairs = PairEncoder(encoder.tokenizer, encoder.cfg)  # prompt and both answers as one sequence, both orders
+    examples = [ComparisonExample(pairs.encode(r.prompt, r.chosen, r.rejected), pairs.encode(r.prompt, r.rejected,
+                                  r.chosen), 1.0, r.margin, r.index, r.origin) for r in records]
+    encoder.truncated += pairs.truncated
+    return examples
+
+
 @OBJECTIVE_DATA.register("unpaired", kind="rating")
 def _rated_examples(records, encoder: Encoder) -> list:
     shifted = records[1:] + records[:1]  # prompt i with completion i+1: KTO's mismatched pairs
@@ -88,6 +107,7 @@ def _task_records(cfg: DataConfig, kind: str) -> tuple[list, list]:
         "demonstration": lambda n, seed: task.demonstrations(n, seed),
         "comparison": lambda n, seed: task.comparisons(n, seed, cfg.flip_rate if seed == cfg.seed else 0)[0],
         "rating": lambda n, seed: task.ratings(n, seed),
+        "judgement": lambda n, seed: task.judgements(n, seed),
     }
     make = makers[kind]
     return make(cfg.task_size, cfg.seed), make(cfg.eval_size, cfg.seed + 10_000)
@@ -136,9 +156,12 @@ def train(cfg: RunConfig, command: str = "preference", resume: str | Path | None
     if model is None:
         model, tokenizer = load_model_and_tokenizer(cfg.model, head=data.meta.get("head", "causal_lm"))
     encoder = Encoder(tokenizer, cfg.data.tokenize)
-    splits = {"train": data.fn(train_records, encoder), "eval": data.fn(eval_records, encoder)}
-    options = dict(cfg.loss) if name != "sft" else {}
-    objective = OBJECTIVES.get(name).fn(splits, tokenizer.pad_token_id, options)
+    data_options = {key: getattr(cfg.data, key) for key in data.meta.get("options", ())}
+    splits = {split: data.fn(records, encoder, **data_options)
+              for split, records in (("train", train_records), ("eval", eval_records))}
+    objective_kind = data.meta.get("objective", name)
+    options = dict(cfg.loss) if objective_kind != "sft" else {}
+    objective = OBJECTIVES.get(objective_kind).fn(splits, tokenizer.pad_token_id, options)
     run = RunDir(resume) if resume else RunDir.create(cfg.output_dir, command, cfg.run_name)
     print(f"run directory: {run.path}", flush=True)
     if not resume:
