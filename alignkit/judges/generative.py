@@ -133,7 +133,9 @@ class _Asker:
         return [fallback if v is None else v for v in values], failed
 
     def metrics(self, prefix: str) -> dict[str, float]:
-        rows = self.stats.metrics(prefix) | {f"{prefix}/{k}": v for k, v in sorted(self.outcomes.items())}
+        """The judge's counts (tokens are the backend's), its outcomes, and the backend's accounting."""
+        rows = {k: v for k, v in self.stats.metrics(prefix).items() if not k.endswith("_tokens")}
+        rows |= {f"{prefix}/{k}": v for k, v in sorted(self.outcomes.items())}
         return rows | self.backend.stats.metrics(f"{prefix}/backend")
 
 

@@ -90,22 +90,23 @@ class CipherTask:
                 for i, p in enumerate(self._prompt(rng) for _ in range(n))]
 
     def judgement_trace(self, prompt: str, a: str, b: str) -> tuple[str, str]:
-        """(reasoning, verdict) of a judge that solves the prompt, then marks each answer's wrong letters.
+        """(reasoning, verdict) of a judge that solves the prompt, then checks each answer letter by letter.
 
-        The trace format of Think-RM stage 1 (arXiv 2505.16265): reasoning the judge can be
-        trained to write, ending in a verdict A, B, or tie when both are equally wrong.
+        The trace format of Think-RM stage 1 (arXiv 2505.16265): reasoning the judge can be trained
+        to write, ending in a verdict A, B, or tie when both are equally wrong. Each answer letter is
+        followed by "=" (right) or "x" (wrong), so every check sits next to the letter it checks.
         """
         truth = self.answer(prompt)
 
-        def marked(answer: str) -> tuple[str, int]:
+        def checked(answer: str) -> tuple[str, int]:
             if len(answer) != len(truth):
                 return "wrong length", len(truth)
-            marks = "".join("=" if x == y else "x" for x, y in zip(answer, truth, strict=True))
-            return marks, marks.count("x")
+            marks = ["=" if x == y else "x" for x, y in zip(answer, truth, strict=True)]
+            return " ".join(x + m for x, m in zip(answer, marks, strict=True)), marks.count("x")
 
-        (marks_a, wrong_a), (marks_b, wrong_b) = marked(a), marked(b)
+        (check_a, wrong_a), (check_b, wrong_b) = checked(a), checked(b)
         verdict = "A" if wrong_a < wrong_b else "B" if wrong_b < wrong_a else "tie"
-        return f"solution {truth}\nA {marks_a} {wrong_a} wrong\nB {marks_b} {wrong_b} wrong", verdict
+        return f"solution {truth}\nA {check_a} {wrong_a} wrong\nB {check_b} {wrong_b} wrong", verdict
 
     def judgements(self, n: int, seed: int = 0) -> list[Judgement]:
         """Comparison pairs in random A/B order, each with the gold judge's reasoning and verdict."""
