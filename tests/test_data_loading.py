@@ -11,9 +11,11 @@ import pytest
 from alignkit.data.loaders import DataError, LoadResult, load_records
 from alignkit.data.records import (
     RECORD_KINDS,
+    BestOfN,
     Comparison,
     Demonstration,
     FieldError,
+    Judgement,
     PromptRecord,
     Rating,
 )
@@ -213,11 +215,13 @@ def test_corrupt_parquet(tmp_path):
 
 
 def test_record_kinds_registry():
-    assert RECORD_KINDS.names() == ["comparison", "demonstration", "prompt", "rating"]
+    assert RECORD_KINDS.names() == ["best_of_n", "comparison", "demonstration", "judgement", "prompt", "rating"]
     types = {entry.name: entry.meta["record_type"] for entry in RECORD_KINDS}
     assert types == {
+        "best_of_n": BestOfN,
         "comparison": Comparison,
         "demonstration": Demonstration,
+        "judgement": Judgement,
         "prompt": PromptRecord,
         "rating": Rating,
     }
@@ -442,11 +446,22 @@ WEIRD_VALUES = [None, 0, True, 1.5, float("nan"), "", " ", "x", [], [{}], [1], {
 @pytest.mark.parametrize("kind", RECORD_KINDS.names())
 def test_parsers_raise_only_field_errors(kind):
     parse = RECORD_KINDS.get(kind).fn
-    good = {"prompt": "p", "completion": "c", "chosen": "a", "rejected": "b", "label": True}
-    fields = [*good, "messages", "margin", "score_chosen", "score_rejected", "subset", "reference"]
+    good = {"prompt": "p", "completion": "c", "chosen": "a", "rejected": "b", "label": True,
+            "a": "x", "b": "y", "verdict": "A"}
+    fields = [*good, "messages", "margin", "score_chosen", "score_rejected", "subset", "reference", "reasoning"]
     for field in fields:
         for value in WEIRD_VALUES:
             try:
                 parse({**good, field: value})
             except FieldError as error:
                 assert error.field in fields
+
+
+def test_best_of_n_sets_need_lists_of_non_empty_strings(tmp_path):
+    good = {"prompt": "q", "chosen": ["right"], "rejected": ["w1", "w2", "w3"], "subset": "Math"}
+    bad = {"prompt": "q", "chosen": ["right"], "rejected": ["w1", ""]}
+    path = write_jsonl(tmp_path / "d.jsonl", [good, bad])
+    with pytest.raises(DataError, match="line 2, field 'rejected': item 1: expected a non-empty string"):
+        load_records(path, "best_of_n")
+    (record,) = load_records(path, "best_of_n", on_error="skip").records
+    assert record.chosen == ("right",) and len(record.rejected) == 3 and record.subset == "Math"

@@ -1,5 +1,6 @@
 """Losses as pure tensor functions, each registered by name."""
 
+from alignkit.algorithms.pairwise import PAIRWISE_LOSSES, pairwise_loss
 from alignkit.algorithms.preference import (
     PREFERENCE_LOSSES,
     needs_reference,
@@ -12,12 +13,14 @@ from alignkit.algorithms.sft import sft_loss
 from alignkit.algorithms.unpaired import UNPAIRED_LOSSES, kto_reference_point, unpaired_loss
 
 __all__ = [
+    "PAIRWISE_LOSSES",
     "PREFERENCE_LOSSES",
     "REWARD_LOSSES",
     "UNPAIRED_LOSSES",
     "kto_reference_point",
     "needs_reference",
     "normalize_config",
+    "pairwise_loss",
     "preference_loss",
     "r3m_delta",
     "reward_loss",

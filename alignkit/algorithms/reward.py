@@ -1,7 +1,7 @@
 """Reward-model losses on paired data (algorithms.md sections 4 and 10.1).
 
-`chosen_rewards` and `rejected_rewards` are the model's scalar scores [batch]; each loss returns
-per-example losses.
+`chosen_rewards` and `rejected_rewards` are the model's scalar scores [batch], or [batch, K] for
+a model with K reward heads; each loss returns per-example losses [batch].
 """
 
 from __future__ import annotations
@@ -18,8 +18,16 @@ register = REWARD_LOSSES.register
 
 def reward_loss(name: str, *, chosen_rewards: Tensor, rejected_rewards: Tensor,
                 margins: Tensor | None = None, **config) -> Tensor:
-    """Per-example loss [batch] of the registered reward loss `name`."""
-    return REWARD_LOSSES.call(name, chosen_rewards, rejected_rewards, margins, **normalize_config(config))
+    """Per-example loss [batch] of the registered reward loss `name`.
+
+    With K heads ([batch, K] rewards) the loss is applied to each head and averaged over heads; a
+    margin [batch] is shared by the heads, R3M's `delta` is per head ([batch, K], or computed so).
+    """
+    heads = chosen_rewards.dim() == 2
+    if heads and margins is not None:
+        margins = margins[:, None]
+    losses = REWARD_LOSSES.call(name, chosen_rewards, rejected_rewards, margins, **normalize_config(config))
+    return losses.mean(1) if heads else losses
 
 
 @register("bradley_terry", summary="-log sigma(r_w - r_l - m), optional margin m and centring",

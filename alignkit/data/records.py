@@ -162,7 +162,10 @@ def _text_list(raw: dict[str, Any], field: str) -> tuple[str, ...]:
     value = _required(raw, field)
     if not isinstance(value, list) or not value:
         raise FieldError(field, f"expected a non-empty list of strings, got {_describe(value)}")
-    return tuple(_non_empty(f"{field}[{i}]", item) for i, item in enumerate(value))
+    for position, item in enumerate(value):
+        if not isinstance(item, str) or not item.strip():
+            raise FieldError(field, f"item {position}: expected a non-empty string, got {type_name(item)}")
+    return tuple(value)
 
 
 # CSV cells are all strings: these fields get converted before parsing, and blank optional cells dropped.

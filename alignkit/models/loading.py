@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from alignkit.models.pairwise import PairwiseConfig, PreferenceModel, is_preference_model
 from alignkit.models.tiny import TinyConfig, tiny_model_and_tokenizer, tiny_reward_model
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -25,6 +26,8 @@ class ModelConfig:
     revision: str | None = None
     gguf_file: str | None = None
     lora: dict | None = None   # peft LoraConfig options, e.g. {r: 16, lora_alpha: 32}; trains adapters only
+    heads: int = 1             # reward models: K reward heads on one backbone (an ensemble's members)
+    pairwise: PairwiseConfig = field(default_factory=PairwiseConfig)  # preference models: the head
     tiny: TinyConfig = field(default_factory=TinyConfig)
 
 
@@ -32,18 +35,47 @@ class ModelLoadError(RuntimeError):
     pass
 
 
+def _seeded(build, seed: int = 0):
+    """Call `build` with the global torch RNG seeded (new heads start the same every time), then restore it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def _pretrained(auto, cfg: ModelConfig, **kw):
+    model = _seeded(lambda: auto.from_pretrained(cfg.name, **kw))
+    return _plain_copy(model, auto) if cfg.gguf_file else model
+
+
+def _preference_model(cfg: ModelConfig, **kw):
+    if is_preference_model(cfg.name):
+        return PreferenceModel.from_pretrained(cfg.name, **kw)
+    return PreferenceModel.from_causal_lm(_pretrained(AutoModelForCausalLM, cfg, **kw), cfg.pairwise)
+
+
+# head -> (build from a checkpoint name, build on the tiny causal LM)
 HEADS = {
-    "causal_lm": lambda name, **kw: AutoModelForCausalLM.from_pretrained(name, **kw),
-    "reward": lambda name, **kw: AutoModelForSequenceClassification.from_pretrained(name, num_labels=1, **kw),
+    "causal_lm": (lambda cfg, **kw: _pretrained(AutoModelForCausalLM, cfg, **kw), lambda lm, cfg: lm),
+    "reward": (lambda cfg, **kw: _pretrained(AutoModelForSequenceClassification, cfg, num_labels=cfg.heads, **kw),
+               lambda lm, cfg: tiny_reward_model(lm, cfg.heads)),
+    "pairwise": (_preference_model, lambda lm, cfg: PreferenceModel.from_causal_lm(lm, cfg.pairwise)),
 }
 
 
 def load_model_and_tokenizer(cfg: ModelConfig, head: str = "causal_lm"):
     """Return (model, tokenizer); the tokenizer always has a pad token.
 
-    `head="reward"` gives a sequence classifier with one output (AutoModelForSequenceClassification,
-    num_labels=1) on the same backbone: a scalar reward model that plain transformers reloads.
+    `head="reward"` gives a sequence classifier with `cfg.heads` outputs (AutoModelForSequenceClassification,
+    num_labels=K) on the same backbone: a scalar reward model, or K reward heads, that plain
+    transformers reloads. `head="pairwise"` gives a PreferenceModel (alignkit.models.pairwise): the
+    backbone of the causal LM plus a `cfg.pairwise` head, or a saved preference model reloaded.
     """
+    if head not in HEADS:
+        raise ValueError(f"unknown model head {head!r}; known: {', '.join(HEADS)}")
+    if cfg.heads < 1:
+        raise ValueError(f"model.heads must be at least 1, got {cfg.heads}")
+    if cfg.lora and head == "pairwise":
+        raise ModelLoadError("model.lora is not supported for pairwise preference models yet")
     model, tokenizer = _load(cfg, head)
     return (with_lora(model, cfg.lora, head) if cfg.lora else model), tokenizer
 
@@ -66,7 +98,7 @@ def with_lora(model, options: dict, head: str = "causal_lm"):
 def _load(cfg: ModelConfig, head: str):
     if cfg.name == "tiny":
         model, tokenizer = tiny_model_and_tokenizer(cfg.tiny)
-        return (tiny_reward_model(model) if head == "reward" else model), tokenizer
+        return HEADS[head][1](model, cfg), tokenizer
     if cfg.dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
     options = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
@@ -74,12 +106,10 @@ def _load(cfg: ModelConfig, head: str):
         options["gguf_file"] = cfg.gguf_file
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.name, **options)
-        model = HEADS[head](cfg.name, dtype=DTYPES[cfg.dtype], **options)
+        model = HEADS[head][0](cfg, dtype=DTYPES[cfg.dtype], **options)
     except (OSError, ValueError) as err:
         where = "local directory" if Path(cfg.name).exists() else "hub id (needs network)"
         raise ModelLoadError(f"could not load model {cfg.name!r} as a {where}: {err}") from err
-    if cfg.gguf_file:
-        model = _plain_copy(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:  # sequence classifiers find the last token by padding
@@ -87,11 +117,11 @@ def _load(cfg: ModelConfig, head: str):
     return model, tokenizer
 
 
-def _plain_copy(model):
+def _plain_copy(model, auto):
     """A GGUF-loaded model is dequantised but refuses save_pretrained: copy it into a plain one."""
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    plain = auto.from_config(config, dtype=next(model.parameters()).dtype)
     plain.load_state_dict(model.state_dict())
     return plain

@@ -116,7 +116,15 @@ def completion_logprobs(model: nn.Module, encoded: list[Encoded], pad_id: int) -
     return token_lp.sum(1), batch.lengths
 
 
+def reward_head_scores(model: nn.Module, encoded: list[Encoded], pad_id: int) -> Tensor:
+    """Scores [n, K] of a sequence classifier with K outputs (reward heads), read at each sequence's last token."""
+    batch = collate(encoded, pad_id).to(next(model.parameters()).device)
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+
+
 def reward_scores(model: nn.Module, encoded: list[Encoded], pad_id: int) -> Tensor:
     """Scalar scores [n] of a one-output sequence classifier, read at each sequence's last token."""
-    batch = collate(encoded, pad_id).to(next(model.parameters()).device)
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, 0].float()
+    scores = reward_head_scores(model, encoded, pad_id)
+    if scores.shape[1] != 1:
+        raise ValueError(f"the model has {scores.shape[1]} reward heads; use reward_head_scores")
+    return scores[:, 0]

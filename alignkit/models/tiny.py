@@ -82,10 +82,13 @@ def tiny_model_and_tokenizer(config: TinyConfig | None = None, **overrides):
     return tiny_model(cfg), tiny_tokenizer(cfg.vocab_size, cfg.chat_template)
 
 
-def tiny_reward_model(backbone: LlamaForCausalLM) -> LlamaForSequenceClassification:
-    """A scalar reward model on the backbone of `backbone`, with a new (seeded) scoring head."""
+def tiny_reward_model(backbone: LlamaForCausalLM, heads: int = 1) -> LlamaForSequenceClassification:
+    """A reward model on the backbone of `backbone` with a new (seeded) scoring head of `heads`
+    outputs: one scalar reward, or K rewards whose rows start from different random values."""
+    if heads < 1:
+        raise ValueError(f"a reward model needs at least one head, got {heads}")
     fields = {k: v for k, v in backbone.config.to_dict().items() if k not in ("id2label", "label2id")}
-    config = LlamaConfig.from_dict({**fields, "num_labels": 1})
+    config = LlamaConfig.from_dict({**fields, "num_labels": heads})
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = LlamaForSequenceClassification(config)

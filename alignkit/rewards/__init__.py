@@ -10,7 +10,8 @@ from alignkit.rewards.base import (
     Scores,
 )
 from alignkit.rewards.implicit import ImplicitReward
-from alignkit.rewards.models import AGGREGATES, Ensemble, RewardModel
+from alignkit.rewards.models import AGGREGATES, Ensemble, RewardModel, aggregate_scores
+from alignkit.rewards.preference_model import PairScores, PreferenceEnsemble, PreferenceModelJudge
 from alignkit.rewards.rules import RuleReward, load_rule
 from alignkit.rewards.transforms import (
     RunningNorm,
@@ -27,8 +28,11 @@ __all__ = [
     "CallStats",
     "Ensemble",
     "ImplicitReward",
+    "PairScores",
     "PairwiseJudge",
     "Preference",
+    "PreferenceEnsemble",
+    "PreferenceModelJudge",
     "RewardComparison",
     "RewardError",
     "RewardModel",
@@ -37,6 +41,7 @@ __all__ = [
     "RunningNorm",
     "Scores",
     "Transformed",
+    "aggregate_scores",
     "clip",
     "length_penalty",
     "load_rule",

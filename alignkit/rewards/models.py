@@ -1,24 +1,38 @@
-"""Reward sources built on trained models: a scalar reward model, and ensembles of sources."""
+"""Reward sources built on trained models: a reward model (one or K heads), and ensembles of sources."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 
 from alignkit.data.tokenize import Encoder, TokenizeConfig
-from alignkit.models.logprobs import reward_scores
+from alignkit.models.logprobs import reward_head_scores
 from alignkit.registry import Registry
 from alignkit.rewards.base import CallStats, Prompt, RewardSource, Scores
 
 AGGREGATES = Registry("ensemble aggregate")
 
 
-class RewardModel:
-    """A one-output sequence classifier (what `alignkit reward` trains) as a reward source."""
+def aggregate_scores(rewards: Tensor, aggregate: str = "mean", k: float = 1.0, failed: Tensor | None = None) -> Scores:
+    """K rewards per sample ([K, n]) -> the registered aggregate, with the K values' spread (std) as uncertainty."""
+    values = AGGREGATES.call(aggregate, rewards, k=k)
+    return Scores(values, uncertainty=rewards.std(0, unbiased=False), failed=failed)
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 16, tokenize: TokenizeConfig | None = None):
-        self.model, self.batch_size = model, batch_size
+
+class RewardModel:
+    """A sequence classifier (what `alignkit reward` trains) as a reward source.
+
+    A one-output model gives its score. A model with K reward heads (`model.heads=K`) gives their
+    aggregate (`aggregate`: mean, min or mean_minus_std with `k`, as Ensemble) and the heads'
+    standard deviation as the uncertainty.
+    """
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 16, tokenize: TokenizeConfig | None = None,
+                 aggregate: str = "mean", k: float = 1.0):
+        AGGREGATES.get(aggregate)
+        self.model, self.batch_size, self.aggregate, self.k = model, batch_size, aggregate, k
         self.encoder, self.pad_id = Encoder(tokenizer, tokenize), tokenizer.pad_token_id
         self.stats = CallStats()
 
@@ -26,9 +40,12 @@ class RewardModel:
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str], references=None) -> Scores:
         encoded = [self.encoder.encode(p, c) for p, c in zip(prompts, completions, strict=True)]
         with self.stats.timed(len(encoded)):
-            values = [reward_scores(self.model, encoded[start:start + self.batch_size], self.pad_id).cpu()
-                      for start in range(0, len(encoded), self.batch_size)]
-        return Scores(torch.cat(values))
+            rewards = torch.cat([reward_head_scores(self.model, encoded[start:start + self.batch_size],
+                                                    self.pad_id).cpu()
+                                 for start in range(0, len(encoded), self.batch_size)])
+        if rewards.shape[1] == 1:
+            return Scores(rewards[:, 0])
+        return aggregate_scores(rewards.T, self.aggregate, self.k)
 
 
 @AGGREGATES.register("mean", summary="mean of the members", paper="Coste et al. 2023, arXiv 2310.02743")
@@ -65,5 +82,4 @@ class Ensemble:
         rewards = torch.stack([r.values for r in results])
         failures = [r.failed for r in results if r.failed is not None]
         failed = torch.stack(failures).any(0) if failures else None
-        values = AGGREGATES.call(self.aggregate, rewards, k=self.k)
-        return Scores(values, uncertainty=rewards.std(0, unbiased=False), failed=failed)
+        return aggregate_scores(rewards, self.aggregate, self.k, failed)

@@ -14,12 +14,14 @@ import torch
 from torch import Tensor
 
 from alignkit.algorithms import (
+    PAIRWISE_LOSSES,
     PREFERENCE_LOSSES,
     REWARD_LOSSES,
     UNPAIRED_LOSSES,
     kto_reference_point,
     needs_reference,
     normalize_config,
+    pairwise_loss,
     preference_loss,
     r3m_delta,
     reward_loss,
@@ -27,7 +29,8 @@ from alignkit.algorithms import (
     unpaired_loss,
 )
 from alignkit.data.tokenize import Encoded, collate
-from alignkit.models.logprobs import completion_logprobs, reward_scores, token_logprobs
+from alignkit.models.logprobs import completion_logprobs, reward_head_scores, token_logprobs
+from alignkit.models.pairwise import pair_logits
 from alignkit.registry import Registry
 
 OBJECTIVES = Registry("objective")
@@ -43,6 +46,21 @@ class PairExample:
 
     def __len__(self) -> int:
         return len(self.chosen) + len(self.rejected)
+
+
+@dataclass(frozen=True)
+class ComparisonExample:
+    """A comparison as a pairwise preference model reads it, in both orders."""
+
+    forward: Encoded   # (prompt, chosen, rejected)
+    swapped: Encoded   # (prompt, rejected, chosen)
+    label: float = 1.0  # P(first answer better) of `forward`: 1, 1/2 (tie) or 0
+    margin: float | None = None
+    index: int = 0
+    origin: str = ""
+
+    def __len__(self) -> int:
+        return len(self.forward) + len(self.swapped)
 
 
 @dataclass(frozen=True)
@@ -83,21 +101,28 @@ class RunningShift:
 
 
 class OutlierTable:
-    """R3M's per-pair outlier variables delta_i, kept by position in the training split."""
+    """R3M's per-pair outlier variables delta_i, kept by position in the training split.
+
+    A reward model with K heads keeps one delta per pair and head ([n_pairs, K]); its report
+    gives the mean over heads, and flags a pair when any head does.
+    """
 
     def __init__(self, pairs: list[PairExample]):
         self.pairs, self.delta = pairs, torch.zeros(len(pairs))
 
     def update(self, ids: list[int], margin: Tensor, scale: float, lam: float) -> Tensor:
         delta = r3m_delta(margin, beta=scale, lam=lam)
+        if self.delta.shape[1:] != delta.shape[1:]:
+            self.delta = torch.zeros(len(self.pairs), *delta.shape[1:])
         self.delta[ids] = delta.cpu()
         return delta
 
     def write(self, run) -> dict:
         """The pairs with delta > 0, most suspicious first, to r3m_outliers.json."""
-        flagged = (self.delta > 0).nonzero().flatten().tolist()
+        delta = self.delta if self.delta.dim() == 1 else self.delta.mean(1)
+        flagged = (delta > 0).nonzero().flatten().tolist()
         rows = sorted(({"index": self.pairs[i].index, "origin": self.pairs[i].origin,
-                        "delta": float(self.delta[i])} for i in flagged), key=lambda r: -r["delta"])
+                        "delta": float(delta[i])} for i in flagged), key=lambda r: -r["delta"])
         run.write_json("r3m_outliers.json", rows)
         return {"r3m/flagged": len(rows)}
 
@@ -148,6 +173,11 @@ class Objective:
     def write_reports(self, run) -> dict:
         """Write what the objective learned about the data into the run directory; return metrics."""
         return self.outliers.write(run) if self.outliers is not None else {}
+
+    def after_training(self, model, micro_batches) -> dict:
+        """Called once after the last step, before the final evaluation and save, with no gradient
+        and the model in eval mode; `micro_batches` yields the training split. Returns metrics."""
+        return {}
 
     @torch.no_grad()
     def compute_reference(self, model, split: str, batch_size: int) -> Tensor:
@@ -275,8 +305,10 @@ class UnpairedObjective(Objective):
         return losses.sum(), metrics
 
 
-@OBJECTIVES.register("reward", summary="scalar reward model on (prompt, chosen, rejected)")
+@OBJECTIVES.register("reward", summary="reward model on (prompt, chosen, rejected), one or K heads")
 class RewardObjective(Objective):
+    """Bradley-Terry or R3M per reward head, averaged over heads (model.heads=K shares one backbone)."""
+
     def __init__(self, splits, pad_id, options):
         super().__init__(splits, pad_id, {"name": "bradley_terry", **options})
         REWARD_LOSSES.get(self.loss_name)
@@ -285,7 +317,9 @@ class RewardObjective(Objective):
 
     def loss_sum(self, model, examples: list, split: str, stats: dict, train: bool):
         ids = [i for i, _ in examples]
-        scores = reward_scores(model, [s for _, e in examples for s in (e.chosen, e.rejected)], self.pad_id)
+        seqs = [s for _, e in examples for s in (e.chosen, e.rejected)]
+        scores = reward_head_scores(model, seqs, self.pad_id)  # [2n, K]
+        scores = scores[:, 0] if scores.shape[1] == 1 else scores
         r_w, r_l = scores[0::2], scores[1::2]
         config = dict(self.loss_config)
         if self.outliers is not None and train:
@@ -294,7 +328,56 @@ class RewardObjective(Objective):
         margins = [e.margin for _, e in examples]
         margins = None if any(m is None for m in margins) else scores.new_tensor(margins)
         losses = reward_loss(self.loss_name, chosen_rewards=r_w, rejected_rewards=r_l, margins=margins, **config)
-        diff = (r_w - r_l).detach()
+        return losses.sum(), self._metrics(losses, r_w.detach(), r_l.detach())
+
+    @staticmethod
+    def _metrics(losses: Tensor, r_w: Tensor, r_l: Tensor) -> dict:
+        """Accuracy and margin of the heads' mean reward; `reward_std`, the spread across heads, with K > 1."""
+        heads = r_w.dim() == 2
+        mean_w, mean_l = (r_w.mean(1), r_l.mean(1)) if heads else (r_w, r_l)
+        diff = mean_w - mean_l
         metrics = {"loss": losses.detach().sum(), "accuracy": (diff > 0).float().sum(), "margin": diff.sum(),
-                   "chosen_reward": r_w.detach().sum(), "rejected_reward": r_l.detach().sum()}
-        return losses.sum(), metrics
+                   "chosen_reward": mean_w.sum(), "rejected_reward": mean_l.sum()}
+        if heads:
+            metrics["reward_std"] = (r_w.std(1, unbiased=False) + r_l.std(1, unbiased=False)).sum() / 2
+        return metrics
+
+
+@OBJECTIVES.register("pairwise", summary="pairwise preference model P(a > b) on both orders of each comparison")
+class PairwiseObjective(Objective):
+    """Weighted BCE on the logit g(x, a, b), each comparison trained in both orders in one batch
+    (label l, then the swap with 1 - l), so the model learns to be symmetric (Xu et al. 2025,
+    arXiv 2510.20369). After training, an SNGP head's posterior precision is accumulated."""
+
+    def __init__(self, splits, pad_id, options):
+        super().__init__(splits, pad_id, {"name": "bce", **options})
+        PAIRWISE_LOSSES.get(self.loss_name)
+        self.loss_config = normalize_config(self.options)
+
+    def loss_sum(self, model, examples: list, split: str, stats: dict, train: bool):
+        g = pair_logits(model, [s for _, e in examples for s in (e.forward, e.swapped)], self.pad_id)
+        label = g.new_tensor([e.label for _, e in examples])
+        margins = [e.margin for _, e in examples]
+        margins = None if any(m is None for m in margins) else g.new_tensor(margins).repeat_interleave(2)
+        labels = torch.stack([label, 1 - label], 1).flatten()
+        losses = pairwise_loss(self.loss_name, logits=g, labels=labels, margins=margins, **self.loss_config)
+        per_pair = losses.view(-1, 2).mean(1)  # the mean over both orders
+        g_ab, g_ba = g.detach()[0::2], g.detach()[1::2]
+        wins = (label > 0.5).float()
+        metrics = {"loss": per_pair.detach().sum(), "accuracy": ((g_ab > 0).float() == wins).float().sum(),
+                   "symmetric_accuracy": ((g_ab - g_ba > 0).float() == wins).float().sum(),
+                   "logit": g_ab.sum()}
+        return per_pair.sum(), metrics
+
+    def after_training(self, model, micro_batches) -> dict:
+        """SNGP's frozen pass: P = ridge I + sum phi phi^T over both orders of every training comparison."""
+        if not model.head.uses_posterior:
+            return {}
+        model.head.reset_posterior()
+        seen = 0
+        for micro_batch in micro_batches:
+            batch = collate([s for _, e in micro_batch for s in (e.forward, e.swapped)], self.pad_id)
+            batch = batch.to(next(model.parameters()).device)
+            model.accumulate_posterior(batch.input_ids, batch.attention_mask)
+            seen += len(batch.input_ids)
+        return {"posterior/sequences": seen}

@@ -213,6 +213,15 @@ class Trainer:
         set_rng_state(state["rng"])
         self.run.truncate_metrics(self.step)
 
+    @torch.no_grad()
+    def _after_training(self) -> None:
+        """The objective's closing pass over the training split (SNGP's posterior), before the final save."""
+        self.model.eval()
+        with self._autocast():
+            metrics = self.objective.after_training(self.model, self._micro_batches(list(range(self.n_train))))
+        if metrics:
+            self.run.log({"step": self.step, "event": "after_training", **metrics})
+
     # ----- the loop -----
     def fit(self, resume: bool = False) -> dict:
         checkpoint = latest_checkpoint(self.run.checkpoints) if resume else None
@@ -242,6 +251,7 @@ class Trainer:
                 progress.update(self.step, metrics)
         finally:
             progress.close()
+        self._after_training()
         final = self.evaluate()
         self.run.log({"step": self.step, **final})
         self.save()
