@@ -57,6 +57,13 @@ def test_top_q_routes_the_most_uncertain_share():
     assert sorted(strong.seen[0]) == [1, 3]
 
 
+def test_least_confident_routes_the_probabilities_nearest_a_half_and_needs_no_uncertainty():
+    strong = TableJudge([1.0] * 5)
+    router = UncertaintyRouter(TableJudge([0.9, 0.45, 0.1, 0.6, 0.52]), strong, rule="least_confident", q=0.4)
+    router.compare(*pairs(5))
+    assert sorted(strong.seen[0]) == [1, 4]
+
+
 def test_random_routing_spends_the_same_budget_reproducibly():
     def routed(seed):
         strong = TableJudge([1.0] * 10)
@@ -89,7 +96,7 @@ def test_routing_options_are_checked_when_the_router_is_built():
     with pytest.raises(TypeError, match="takes no option"):
         UncertaintyRouter(TableJudge([0.5]), TableJudge([1.0]), rule="threshold", q=0.2)
     with pytest.raises(ValueError, match="budget"):
-        ROUTING.call("top_q", torch.ones(3), torch.Generator(), q=1.5)
+        ROUTING.call("top_q", Preference(torch.ones(3), torch.ones(3)), torch.Generator(), q=1.5)
 
 
 def test_an_ensemble_of_reward_sources_routes_by_its_disagreement():

@@ -7,6 +7,8 @@ replaces the fast one. Rules, by name:
 
 - "threshold": route pairs whose uncertainty exceeds `threshold` (the paper's u-bar, default 1.4);
 - "top_q": route the ceil(q * n) most uncertain pairs of each batch, a call budget;
+- "least_confident": route the ceil(q * n) pairs whose probability is nearest 1/2: a confidence
+  baseline that needs no uncertainty estimate;
 - "random": route ceil(q * n) pairs chosen uniformly: the baseline at the same budget.
 
 With `strong_logit` set (default 2.0, as in the paper), the strong judge's decision becomes a
@@ -31,23 +33,38 @@ ROUTING = Registry("routing rule")
 
 @ROUTING.register("threshold", summary="route pairs whose uncertainty exceeds the threshold",
                   paper="Xu et al. 2025, arXiv 2510.20369")
-def route_threshold(uncertainty: Tensor, generator: torch.Generator, *, threshold: float = 1.4) -> Tensor:
-    return uncertainty > threshold
+def route_threshold(fast: Preference, generator: torch.Generator, *, threshold: float = 1.4) -> Tensor:
+    return _uncertainty(fast) > threshold
 
 
 @ROUTING.register("top_q", summary="route the q most uncertain share of each batch (a call budget)",
                   paper="Xu et al. 2025, arXiv 2510.20369")
-def route_top_q(uncertainty: Tensor, generator: torch.Generator, *, q: float = 0.2) -> Tensor:
-    chosen = torch.zeros(len(uncertainty), dtype=torch.bool)
-    chosen[uncertainty.argsort(descending=True, stable=True)[:_budget(q, len(uncertainty))]] = True
-    return chosen
+def route_top_q(fast: Preference, generator: torch.Generator, *, q: float = 0.2) -> Tensor:
+    return _top(_uncertainty(fast), q)
+
+
+@ROUTING.register("least_confident", summary="route the q share of each batch whose P(a > b) is nearest 1/2",
+                  paper="a confidence baseline for uncertainty routing")
+def route_least_confident(fast: Preference, generator: torch.Generator, *, q: float = 0.2) -> Tensor:
+    return _top(-(fast.probs - 0.5).abs(), q)
 
 
 @ROUTING.register("random", summary="route a uniformly random q share of each batch (baseline)",
                   paper="Xu et al. 2025, arXiv 2510.20369")
-def route_random(uncertainty: Tensor, generator: torch.Generator, *, q: float = 0.2) -> Tensor:
-    chosen = torch.zeros(len(uncertainty), dtype=torch.bool)
-    chosen[torch.randperm(len(uncertainty), generator=generator)[:_budget(q, len(uncertainty))]] = True
+def route_random(fast: Preference, generator: torch.Generator, *, q: float = 0.2) -> Tensor:
+    return _top(torch.rand(len(fast.probs), generator=generator), q)
+
+
+def _uncertainty(fast: Preference) -> Tensor:
+    if fast.uncertainty is None:
+        raise ValueError("the fast judge reports no uncertainty; this routing rule needs one per pair")
+    return fast.uncertainty
+
+
+def _top(priority: Tensor, q: float) -> Tensor:
+    """A mask of the ceil(q * n) entries of highest priority (ties broken by position)."""
+    chosen = torch.zeros(len(priority), dtype=torch.bool)
+    chosen[priority.argsort(descending=True, stable=True)[:_budget(q, len(priority))]] = True
     return chosen
 
 
@@ -62,7 +79,7 @@ class UncertaintyRouter:
 
     def __init__(self, fast: PairwiseJudge, strong: PairwiseJudge, *, rule: str = "threshold",
                  strong_logit: float | None = 2.0, seed: int = 0, **rule_options):
-        ROUTING.call(rule, torch.zeros(0), torch.Generator(), **rule_options)  # validate options early
+        ROUTING.call(rule, Preference(torch.zeros(0), torch.zeros(0)), torch.Generator(), **rule_options)
         self.fast, self.strong, self.rule, self.rule_options = fast, strong, rule, rule_options
         self.strong_logit, self.generator = strong_logit, torch.Generator().manual_seed(seed)
         self.stats, self.pairs, self.routed, self.strong_failed, self.agreed = CallStats(), 0, 0, 0, 0
@@ -70,9 +87,7 @@ class UncertaintyRouter:
     def compare(self, prompts: Sequence[Prompt], a: Sequence[str], b: Sequence[str]) -> Preference:
         with self.stats.timed(len(prompts)):
             fast = self.fast.compare(prompts, a, b)
-            if fast.uncertainty is None:
-                raise ValueError("the fast judge reports no uncertainty; routing needs one per pair")
-            routed = ROUTING.call(self.rule, fast.uncertainty, self.generator, **self.rule_options)
+            routed = ROUTING.call(self.rule, fast, self.generator, **self.rule_options)
             if fast.failed is not None:
                 routed |= fast.failed
             probs = fast.probs.clone()
