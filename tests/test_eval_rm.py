@@ -10,9 +10,10 @@ from alignkit.cli import main
 from alignkit.data.records import BestOfN, Comparison
 from alignkit.evaluation.cli import load_eval_records
 from alignkit.evaluation.rm import best_of_n_scores, evaluate, score_pairs
+from alignkit.models.loading import resolve_model_path
 from alignkit.models.tiny import tiny_model_and_tokenizer
 from alignkit.rewards import CallStats, ImplicitReward, Preference, RuleReward
-from alignkit.rewards.specs import SOURCES, build_source, parse_spec, resolve_model_path
+from alignkit.rewards.specs import SOURCES, build_source, parse_spec
 
 RULES = '''
 def length(prompt, completion, reference):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -76,8 +76,23 @@ def load_model_and_tokenizer(cfg: ModelConfig, head: str = "causal_lm"):
         raise ValueError(f"model.heads must be at least 1, got {cfg.heads}")
     if cfg.lora and head == "pairwise":
         raise ModelLoadError("model.lora is not supported for pairwise preference models yet")
-    model, tokenizer = _load(cfg, head)
+    model, tokenizer = _load(replace(cfg, name=resolve_model_path(cfg.name)), head)
     return (with_lora(model, cfg.lora, head) if cfg.lora else model), tokenizer
+
+
+def resolve_model_path(name: str) -> str:
+    """The model folder for a run directory (its latest checkpoint) or a checkpoint; other names unchanged."""
+    from alignkit.train.checkpoint import latest_checkpoint
+
+    folder = Path(name)
+    if (folder / "checkpoints").is_dir():
+        latest = latest_checkpoint(folder / "checkpoints")
+        if latest is None:
+            raise ModelLoadError(f"run {name} has no complete checkpoint")
+        folder = latest
+    if (folder / "model").is_dir():
+        folder = folder / "model"
+    return str(folder) if folder.exists() else name
 
 
 def with_lora(model, options: dict, head: str = "causal_lm"):

@@ -69,25 +69,10 @@ def build_source(spec: str | dict):
     return SOURCES.call(kind, **config)
 
 
-def resolve_model_path(path: str) -> str:
-    """A model folder for a run directory (its latest checkpoint), a checkpoint, or a model folder."""
-    from alignkit.train.checkpoint import latest_checkpoint
-
-    folder = Path(path)
-    if (folder / "checkpoints").is_dir():
-        latest = latest_checkpoint(folder / "checkpoints")
-        if latest is None:
-            raise FileNotFoundError(f"run {path} has no complete checkpoint")
-        folder = latest
-    if (folder / "model").is_dir():
-        folder = folder / "model"
-    return str(folder) if folder.exists() else path
-
-
 def _load(path: str, head: str = "causal_lm"):
     from alignkit.models.loading import ModelConfig, load_model_and_tokenizer
 
-    return load_model_and_tokenizer(ModelConfig(name=resolve_model_path(path)), head=head)
+    return load_model_and_tokenizer(ModelConfig(name=path), head=head)
 
 
 def _backend(target: str, options: dict):
