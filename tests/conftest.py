@@ -17,3 +17,12 @@ def tiny():
     from alignkit.models import tiny_model_and_tokenizer
 
     return tiny_model_and_tokenizer(seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models generate fastest on one thread, and far less sensitive to other work on the machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

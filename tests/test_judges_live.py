@@ -11,7 +11,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 from alignkit.cli import main
 from alignkit.data.loaders import load_records
@@ -25,12 +24,7 @@ PAIRS, _ = CipherTask().comparisons(12, seed=10_000)
 PROMPTS, CHOSEN, REJECTED = ([getattr(p, f) for p in PAIRS] for f in ("prompt", "chosen", "rejected"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +50,7 @@ def test_judge_sft_learns_the_answer_format(judge_run):
     metrics = [json.loads(line) for line in (judge_run.run.path / "metrics.jsonl").read_text().splitlines()]
     losses = [m["eval/loss"] for m in metrics if "eval/loss" in m]
     assert losses[-1] < 0.5 * losses[0]
-    judge = GenerativeJudge(LocalBackend(judge_run.model, judge_run.tokenizer, batch_size=12), max_tokens=100,
+    judge = GenerativeJudge(LocalBackend(judge_run.model, judge_run.tokenizer, batch_size=12), max_tokens=160,
                             on_unparsable="abstain")
     preference = judge.compare(PROMPTS, CHOSEN, REJECTED)
     assert judge.outcomes["unparsable"] <= 2                     # of 24 answers (both orders)
@@ -66,7 +60,7 @@ def test_judge_sft_learns_the_answer_format(judge_run):
 
 def test_eval_rm_evaluates_the_trained_judge_from_its_run_directory(judge_run, capsys):
     code = main(["eval-rm", "task:cipher:8", "--json", "--source",
-                 f"judge:{judge_run.run.path},max_tokens=100,on_unparsable=abstain,batch_size=16"])
+                 f"judge:{judge_run.run.path},max_tokens=160,on_unparsable=abstain,batch_size=16"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)["sources"][0]
     assert report["pairs"] == 8 and report["failed"] <= 1
@@ -86,9 +80,9 @@ def test_judgement_records_load_and_reject_a_bad_verdict(tmp_path):
 def test_http_judge_gives_the_local_judges_soft_verdicts(judge_run):
     model, tokenizer = judge_run.model, judge_run.tokenizer
     local = GenerativeJudge(LocalBackend(model, tokenizer, batch_size=1, tokenize=prompt_limit(2048)),
-                            max_tokens=100, on_unparsable="abstain")
+                            max_tokens=160, on_unparsable="abstain")
     with serving(model, tokenizer) as url:
-        remote = GenerativeJudge(http(url, max_concurrency=2), max_tokens=100, on_unparsable="abstain")
+        remote = GenerativeJudge(http(url, max_concurrency=2), max_tokens=160, on_unparsable="abstain")
         over_http = remote.compare(PROMPTS[:4], CHOSEN[:4], REJECTED[:4])
     in_process = local.compare(PROMPTS[:4], CHOSEN[:4], REJECTED[:4])
     assert over_http.probs.tolist() == pytest.approx(in_process.probs.tolist(), abs=1e-4)
@@ -108,7 +102,7 @@ def test_a_server_dying_mid_run_keeps_what_was_judged(judge_run):
     backend = LocalBackend(judge_run.model, judge_run.tokenizer, batch_size=1, tokenize=prompt_limit(2048))
     server = DyingServer(("127.0.0.1", 0), backend, "judge")
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    judge = GenerativeJudge(http(server.base_url, max_concurrency=1), swap=False, max_tokens=100,
+    judge = GenerativeJudge(http(server.base_url, max_concurrency=1), swap=False, max_tokens=160,
                             on_unparsable="abstain")
     started = time.perf_counter()
     preference = judge.compare(PROMPTS[:6], CHOSEN[:6], REJECTED[:6])
