@@ -195,3 +195,11 @@ def test_transforms_compose_on_any_source_from_a_yaml_spec(tmp_path, pairs_file,
     assert report["accuracy"] == 0.25                            # the penalty now prefers the shorter answers
     with pytest.raises(KeyError, match="unknown reward transform"):
         build_source({"kind": "transformed", "source": f"rule:{rules}:length", "steps": ["square"]})
+
+
+def test_judge_ensemble_spec_spreads_its_members_logits(rules):
+    ensemble = build_source({"kind": "judge_ensemble", "members": [f"rule:{rules}:length", f"rule:{rules}:picky"]})
+    preference = ensemble.compare(["q"], ["abcd"], ["ab"])
+    # length: sigmoid(4 - 2) -> logit 2; picky: both score 1 -> logit 0. Mean 1, std 1.
+    assert preference.probs.tolist() == pytest.approx([1 / (1 + math.exp(-1))], abs=1e-6)
+    assert preference.uncertainty.tolist() == pytest.approx([1.0], abs=1e-5)

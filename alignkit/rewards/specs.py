@@ -12,6 +12,7 @@ A spec is `KIND:TARGET[,key=value...]` or a YAML file holding a mapping with `ki
     scorer:http://127.0.0.1:8000                 generative pointwise judge (scores 1..9)
     router.yaml                                  {kind: router, fast: SPEC, strong: SPEC, threshold: 1.4}
     shaped.yaml                                  {kind: transformed, source: SPEC, steps: [running_norm]}
+    pms.yaml                                     {kind: judge_ensemble, members: [pm:run-a, pm:run-b]}
 
 Values are read as YAML scalars (`true`, `0.1`, `null`). A nested spec (router, ensemble) is a
 string spec or a mapping.
@@ -155,6 +156,15 @@ def _transformed(*, source, steps):
     from alignkit.rewards.transforms import Transformed, build_steps
 
     return Transformed(build_source(source), *build_steps(steps))
+
+
+@SOURCES.register("judge_ensemble", summary="K pairwise judges: mean logit, std of logits as uncertainty (YAML)")
+def _judge_ensemble(*, members):
+    from alignkit.rewards.base import RewardComparison
+    from alignkit.rewards.preference_model import PreferenceEnsemble
+
+    judges = [build_source(m) for m in members]
+    return PreferenceEnsemble([j if hasattr(j, "compare") else RewardComparison(j) for j in judges])
 
 
 @SOURCES.register("ensemble", summary="K reward sources aggregated by mean, min or mean minus k std (YAML spec)")
