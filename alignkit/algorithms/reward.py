@@ -43,7 +43,10 @@ def bradley_terry(r_w: Tensor, r_l: Tensor, margins: Tensor | None, *, centering
           paper="Bukharin et al. 2024, arXiv 2406.15568")
 def r3m(r_w: Tensor, r_l: Tensor, margins: Tensor | None, *, lam: float = 0.75,
         delta: Tensor | None = None) -> Tensor:
-    """Alternating R3M step: closed-form delta with the model fixed (or given), then BT with delta fixed."""
+    """Alternating R3M step: closed-form delta with the model fixed (or given), then BT with delta fixed.
+
+    Record margins are not used: the paper's model has no margin term (delta plays that part).
+    """
     _check_lam(lam)
     if delta is None:
         delta = r3m_delta(r_w - r_l, beta=1.0, lam=lam)
