@@ -1,5 +1,6 @@
 """Losses as pure tensor functions, each registered by name."""
 
+from alignkit.algorithms.advantages import ADVANTAGES
 from alignkit.algorithms.pairwise import PAIRWISE_LOSSES, pairwise_loss
 from alignkit.algorithms.preference import (
     PREFERENCE_LOSSES,
@@ -13,6 +14,7 @@ from alignkit.algorithms.sft import sft_loss
 from alignkit.algorithms.unpaired import UNPAIRED_LOSSES, kto_reference_point, unpaired_loss
 
 __all__ = [
+    "ADVANTAGES",
     "PAIRWISE_LOSSES",
     "PREFERENCE_LOSSES",
     "REWARD_LOSSES",

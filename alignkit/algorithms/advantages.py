@@ -1,0 +1,116 @@
+"""Advantage estimators for online RL (algorithms.md section 9), registered by name.
+
+Group estimators take outcome rewards shaped [n_prompts, G] (G completions per prompt) and return
+one advantage per completion, same shape, to be broadcast over the completion's tokens. Whole
+groups are always scored together, before any micro-batching, so group statistics never depend
+on how a step is split. Pairwise estimators take a skew-symmetric preference matrix per prompt
+[n_prompts, G, G] (d_ij > 0 when completion i is better than j). `gae` works on token rewards.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from alignkit.registry import Registry
+
+ADVANTAGES = Registry("advantage estimator")
+
+
+def _check_groups(rewards: Tensor, minimum: int = 1) -> None:
+    if rewards.dim() != 2 or rewards.shape[1] < minimum:
+        raise ValueError(f"rewards must be [n_prompts, G] with G >= {minimum}, got {tuple(rewards.shape)}")
+
+
+@ADVANTAGES.register("grpo", summary="(r - group mean) / (group std + eps)", paper="Shao et al. 2024, arXiv 2402.03300")
+def grpo(rewards: Tensor, *, eps: float = 1e-6, unbiased: bool = True) -> Tensor:
+    """Group-normalised rewards; std over the group, unbiased by default as in the DeepSeekMath code."""
+    _check_groups(rewards, 2 if unbiased else 1)
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    return centred / (rewards.std(dim=1, keepdim=True, unbiased=unbiased) + eps)
+
+
+@ADVANTAGES.register("dr_grpo", summary="r - group mean (no std scaling)", paper="Liu et al. 2025, arXiv 2503.20783")
+def dr_grpo(rewards: Tensor) -> Tensor:
+    _check_groups(rewards)
+    return rewards - rewards.mean(dim=1, keepdim=True)
+
+
+@ADVANTAGES.register("rloo", summary="r_i - mean of the other G-1 rewards",
+                     paper="Ahmadian et al. 2024, arXiv 2402.14740")
+def rloo(rewards: Tensor) -> Tensor:
+    _check_groups(rewards, 2)
+    g = rewards.shape[1]
+    others = (rewards.sum(dim=1, keepdim=True) - rewards) / (g - 1)
+    return rewards - others
+
+
+@ADVANTAGES.register("remax", summary="r - reward of the greedy completion", paper="Li et al. 2023, arXiv 2310.10505")
+def remax(rewards: Tensor, *, baseline: Tensor) -> Tensor:
+    """`baseline` [n_prompts]: the reward of the policy's greedy completion for each prompt."""
+    _check_groups(rewards)
+    return rewards - baseline[:, None]
+
+
+@ADVANTAGES.register("reinforce_pp_baseline", summary="r - group mean, then whitened over the whole batch",
+                     paper="Hu et al. 2025, arXiv 2501.03262")
+def reinforce_pp_baseline(rewards: Tensor, *, lengths: Tensor | None = None, eps: float = 1e-8) -> Tensor:
+    """Whitening is over every valid token of the batch: each completion counts `lengths` times."""
+    centred = dr_grpo(rewards)
+    weights = torch.ones_like(centred) if lengths is None else lengths.to(centred.dtype)
+    mean = (centred * weights).sum() / weights.sum()
+    var = ((centred - mean) ** 2 * weights).sum() / weights.sum()
+    return (centred - mean) / (var.sqrt() + eps)
+
+
+def _check_skew(d: Tensor) -> None:
+    if d.dim() != 3 or d.shape[1] != d.shape[2] or d.shape[1] < 2:
+        raise ValueError(f"preferences must be [n_prompts, G, G] with G >= 2, got {tuple(d.shape)}")
+    if not torch.allclose(d, -d.transpose(1, 2), atol=1e-6):
+        raise ValueError("preferences must be skew-symmetric: d_ji = -d_ij")
+
+
+@ADVANTAGES.register("pairwise", summary="GRPO from pairwise differences: mean_j d_ij / pooled std",
+                     paper="Hong et al. 2025 (Think-RM), arXiv 2505.16265")
+def pairwise(preferences: Tensor, *, eps: float = 1e-6) -> Tensor:
+    """A_i = ((1/G) sum_j d_ij) / sqrt(sum_{j,k} d_jk^2 / (2G(G-1)) + eps).
+
+    With d_ij = r_i - r_j this is exactly GRPO's (r_i - mean r) / std_unbiased (squared, eps inside).
+    """
+    _check_skew(preferences)
+    g = preferences.shape[1]
+    spread = (preferences ** 2).sum(dim=(1, 2)) / (2 * g * (g - 1))
+    return preferences.mean(dim=2) / (spread + eps).sqrt()[:, None]
+
+
+@ADVANTAGES.register("pairwise_mean", summary="c / (G-1) * sum_j s_ij: RLOO from preference logits",
+                     paper="Xu et al. 2025 (uncertainty router), arXiv 2510.20369")
+def pairwise_mean(preferences: Tensor, *, scale: float = 1.0, clamp: float = 10.0) -> Tensor:
+    """With s_ij = logit P(i > j) = r_i - r_j under Bradley-Terry this is RLOO's advantage.
+
+    Clamped to [-clamp, clamp] as in the paper's code.
+    """
+    _check_skew(preferences)
+    g = preferences.shape[1]
+    return (scale * preferences.sum(dim=2) / (g - 1)).clamp(-clamp, clamp)
+
+
+@ADVANTAGES.register("gae", summary="generalised advantage estimation with a value model",
+                     paper="Schulman et al. 2016, arXiv 1506.02438")
+def gae(token_rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[Tensor, Tensor]:
+    """(advantages, returns), both [n, T]; positions outside `mask` are 0. V after the last valid token is 0.
+
+    delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lam A_{t+1};  R_t = A_t + V_t.
+    Completions are right-padded: `mask` is 1 on a prefix of each row.
+    """
+    mask = mask.to(values.dtype)
+    rewards, values = token_rewards * mask, values * mask
+    advantages = torch.zeros_like(values)
+    running = torch.zeros(values.shape[0], dtype=values.dtype, device=values.device)
+    for t in reversed(range(values.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = running
+    return advantages, (advantages + values) * mask
