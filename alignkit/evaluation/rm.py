@@ -50,7 +50,7 @@ def _score_all(source, prompts: list, completions: list[str], batch_size: int) -
     for rows in _batches(len(prompts), batch_size):
         scores = source.score([prompts[i] for i in rows], [completions[i] for i in rows])
         values.append(scores.values.double().cpu())
-        failed.append(scores.failed.cpu() if scores.failed is not None else torch.zeros(len(rows), dtype=torch.bool))
+        failed.append(scores.failure_mask())
     return torch.cat(values), torch.cat(failed)
 
 
@@ -59,8 +59,7 @@ def _compare_all(judge, prompts: list, a: list[str], b: list[str], batch_size: i
     for rows in _batches(len(prompts), batch_size):
         preference = judge.compare([prompts[i] for i in rows], [a[i] for i in rows], [b[i] for i in rows])
         probs.append(preference.probs.double().cpu())
-        failed.append(preference.failed.cpu() if preference.failed is not None
-                      else torch.zeros(len(rows), dtype=torch.bool))
+        failed.append(preference.failure_mask())
     return torch.cat(probs), torch.cat(failed)
 
 
@@ -104,8 +103,8 @@ def best_of_n_scores(source, record: BestOfN) -> list[float]:
     completions = list(record.chosen) + list(record.rejected)
     if hasattr(source, "score"):
         scores = source.score([record.prompt] * len(completions), completions)
-        failed = scores.failed if scores.failed is not None else torch.zeros(len(completions), dtype=torch.bool)
-        return [float("nan") if f else v for v, f in zip(scores.values.tolist(), failed.tolist(), strict=True)]
+        failed = scores.failure_mask().tolist()
+        return [float("nan") if f else v for v, f in zip(scores.values.tolist(), failed, strict=True)]
     pairs = [(i, j) for i in range(len(completions)) for j in range(i + 1, len(completions))]
     preference = source.compare([record.prompt] * len(pairs), [completions[i] for i, _ in pairs],
                                 [completions[j] for _, j in pairs])

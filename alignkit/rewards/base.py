@@ -18,6 +18,11 @@ class RewardError(RuntimeError):
     """A reward source failed under the `raise` policy; the message names the sample."""
 
 
+def _mask(failed: Tensor | None, n: int) -> Tensor:
+    """`failed` as a bool tensor on the CPU; all False for a source that cannot fail."""
+    return failed.cpu() if failed is not None else torch.zeros(n, dtype=torch.bool)
+
+
 @dataclass
 class Scores:
     """One score per completion; `uncertainty` where the source can tell, `failed` marks failures."""
@@ -25,6 +30,9 @@ class Scores:
     values: Tensor
     uncertainty: Tensor | None = None
     failed: Tensor | None = None
+
+    def failure_mask(self) -> Tensor:
+        return _mask(self.failed, len(self.values))
 
 
 @dataclass
@@ -73,6 +81,9 @@ class Preference:
     probs: Tensor
     uncertainty: Tensor | None = None
     failed: Tensor | None = None
+
+    def failure_mask(self) -> Tensor:
+        return _mask(self.failed, len(self.probs))
 
     @property
     def logits(self) -> Tensor:

@@ -87,11 +87,9 @@ class UncertaintyRouter:
     def compare(self, prompts: Sequence[Prompt], a: Sequence[str], b: Sequence[str]) -> Preference:
         with self.stats.timed(len(prompts)):
             fast = self.fast.compare(prompts, a, b)
-            routed = ROUTING.call(self.rule, fast, self.generator, **self.rule_options)
-            if fast.failed is not None:
-                routed |= fast.failed
+            failed = fast.failure_mask().clone()
+            routed = ROUTING.call(self.rule, fast, self.generator, **self.rule_options) | failed
             probs = fast.probs.clone()
-            failed = fast.failed.clone() if fast.failed is not None else torch.zeros(len(probs), dtype=torch.bool)
             ids = routed.nonzero().flatten().tolist()
             self.routed += len(ids)
             if ids:
@@ -101,7 +99,7 @@ class UncertaintyRouter:
         return Preference(probs, fast.uncertainty, failed)
 
     def _merge(self, probs: Tensor, failed: Tensor, ids: list[int], strong: Preference, fast_probs: Tensor) -> None:
-        answered = ~strong.failed if strong.failed is not None else torch.ones(len(ids), dtype=torch.bool)
+        answered = ~strong.failure_mask()
         strong_probs = strong.probs if self.strong_logit is None else torch.sigmoid(
             torch.sign(strong.probs - 0.5) * self.strong_logit)
         for k, i in enumerate(ids):
