@@ -30,7 +30,18 @@ def _reward_loss_table() -> str:
     return "\n".join(["reward losses:"] + [f"  {e.name:<14} {e.summary}  [{e.paper}]" for e in REWARD_LOSSES])
 
 
-EPILOGS = {"preference": _loss_table, "dpo": _loss_table, "reward": _reward_loss_table}
+def _recipe_table() -> str:
+    from alignkit.algorithms.advantages import ADVANTAGES
+    from alignkit.train.rl import RECIPES
+
+    lines = ["recipes (--recipe NAME; any rl.* option can still be overridden):"]
+    lines += [f"  {e.name:<22} {e.summary}  [{e.paper}]" for e in RECIPES]
+    lines += ["advantage estimators (rl.advantage=NAME):"]
+    lines += [f"  {e.name:<22} {e.summary}" for e in ADVANTAGES]
+    return "\n".join(lines)
+
+
+EPILOGS = {"preference": _loss_table, "dpo": _loss_table, "reward": _reward_loss_table, "rl": _recipe_table}
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -101,6 +112,18 @@ def cmd_judge_sft(args) -> int:
     return _run_training("judge-sft", args, {"model.name": args.model})
 
 
+@COMMANDS.register("rl", summary="online RL: GRPO, PPO, DAPO, Self-Rewarding PPO, pairwise RLHF, ... (--recipe)")
+def cmd_rl(args) -> int:
+    from alignkit.train.rl import config_from, run_rl
+
+    result = run_rl(config_from(_resolve(args, {"model.name": args.model, "recipe": args.recipe})),
+                    resume=args.resume)
+    rows = {**{f"before/{k}": v for k, v in result.initial_metrics.items()}, **result.metrics}
+    console.print(summary_table("alignkit rl: held-out evaluation (greedy)", rows))
+    console.print(f"run directory: {result.run.path}", soft_wrap=True)
+    return 0
+
+
 @COMMANDS.register("serve", summary="serve a model over an OpenAI-compatible chat-completions API",
                    arguments="alignkit.serve:add_arguments")
 def cmd_serve(args) -> int:
@@ -151,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
             _import(entry.meta["arguments"])(p)
             continue
         _common(p)
+        if entry.name == "rl":
+            p.add_argument("--recipe", help="a named method preset (see the list below)")
         if entry.name in ("preference", "dpo", "reward"):
             p.add_argument("--loss", default="dpo" if entry.name == "dpo" else None,
                            help="loss name (see the list below)")

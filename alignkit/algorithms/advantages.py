@@ -16,13 +16,34 @@ from alignkit.registry import Registry
 
 ADVANTAGES = Registry("advantage estimator")
 
+# What an estimator returns: one advantage per completion [n_prompts, G], per token [n, T], or per
+# token with the value targets it implies ((advantages, returns), both [n, T]).
+OUTPUTS = ("completion", "token", "token_and_returns")
+
+
+def estimate(name: str, inputs: dict, **options):
+    """Call estimator `name` with the inputs it declares (its `inputs` meta), picked from `inputs` by name.
+
+    The online trainer computes only what the chosen estimator declares (preferences from a judge,
+    a greedy baseline, values from a critic), then calls it here like any other.
+    """
+    entry = ADVANTAGES.get(name)
+    wanted = entry.meta["inputs"]
+    missing = [key for key in wanted if inputs.get(key) is None]
+    if missing:
+        raise ValueError(f"advantage estimator {name!r} needs {missing}, which this run does not provide")
+    keyword_only = set(entry.defaults())
+    positional = [inputs[key] for key in wanted if key not in keyword_only]
+    return ADVANTAGES.call(name, *positional, **{k: inputs[k] for k in wanted if k in keyword_only}, **options)
+
 
 def _check_groups(rewards: Tensor, minimum: int = 1) -> None:
     if rewards.dim() != 2 or rewards.shape[1] < minimum:
         raise ValueError(f"rewards must be [n_prompts, G] with G >= {minimum}, got {tuple(rewards.shape)}")
 
 
-@ADVANTAGES.register("grpo", summary="(r - group mean) / (group std + eps)", paper="Shao et al. 2024, arXiv 2402.03300")
+@ADVANTAGES.register("grpo", summary="(r - group mean) / (group std + eps)", paper="Shao et al. 2024, arXiv 2402.03300",
+                     inputs=("rewards",), output="completion")
 def grpo(rewards: Tensor, *, eps: float = 1e-6, unbiased: bool = True) -> Tensor:
     """Group-normalised rewards; std over the group, unbiased by default as in the DeepSeekMath code."""
     _check_groups(rewards, 2 if unbiased else 1)
@@ -30,14 +51,16 @@ def grpo(rewards: Tensor, *, eps: float = 1e-6, unbiased: bool = True) -> Tensor
     return centred / (rewards.std(dim=1, keepdim=True, unbiased=unbiased) + eps)
 
 
-@ADVANTAGES.register("dr_grpo", summary="r - group mean (no std scaling)", paper="Liu et al. 2025, arXiv 2503.20783")
+@ADVANTAGES.register("dr_grpo", summary="r - group mean (no std scaling)", paper="Liu et al. 2025, arXiv 2503.20783",
+                     inputs=("rewards",), output="completion")
 def dr_grpo(rewards: Tensor) -> Tensor:
     _check_groups(rewards)
     return rewards - rewards.mean(dim=1, keepdim=True)
 
 
 @ADVANTAGES.register("rloo", summary="r_i - mean of the other G-1 rewards",
-                     paper="Ahmadian et al. 2024, arXiv 2402.14740")
+                     paper="Ahmadian et al. 2024, arXiv 2402.14740",
+                     inputs=("rewards",), output="completion")
 def rloo(rewards: Tensor) -> Tensor:
     _check_groups(rewards, 2)
     g = rewards.shape[1]
@@ -45,7 +68,8 @@ def rloo(rewards: Tensor) -> Tensor:
     return rewards - others
 
 
-@ADVANTAGES.register("remax", summary="r - reward of the greedy completion", paper="Li et al. 2023, arXiv 2310.10505")
+@ADVANTAGES.register("remax", summary="r - reward of the greedy completion", paper="Li et al. 2023, arXiv 2310.10505",
+                     inputs=("rewards", "baseline"), output="completion")
 def remax(rewards: Tensor, *, baseline: Tensor) -> Tensor:
     """`baseline` [n_prompts]: the reward of the policy's greedy completion for each prompt."""
     _check_groups(rewards)
@@ -53,7 +77,8 @@ def remax(rewards: Tensor, *, baseline: Tensor) -> Tensor:
 
 
 @ADVANTAGES.register("reinforce_pp_baseline", summary="r - group mean, then whitened over the whole batch",
-                     paper="Hu et al. 2025, arXiv 2501.03262")
+                     paper="Hu et al. 2025, arXiv 2501.03262",
+                     inputs=("rewards", "lengths"), output="completion")
 def reinforce_pp_baseline(rewards: Tensor, *, lengths: Tensor | None = None, eps: float = 1e-8) -> Tensor:
     """Whitening is over every valid token of the batch: each completion counts `lengths` times."""
     centred = dr_grpo(rewards)
@@ -71,7 +96,8 @@ def _check_skew(d: Tensor) -> None:
 
 
 @ADVANTAGES.register("pairwise", summary="GRPO from pairwise differences: mean_j d_ij / pooled std",
-                     paper="Hong et al. 2025 (Think-RM), arXiv 2505.16265")
+                     paper="Hong et al. 2025 (Think-RM), arXiv 2505.16265",
+                     inputs=("preferences",), output="completion")
 def pairwise(preferences: Tensor, *, eps: float = 1e-6) -> Tensor:
     """A_i = ((1/G) sum_j d_ij) / sqrt(sum_{j,k} d_jk^2 / (2G(G-1)) + eps).
 
@@ -84,7 +110,8 @@ def pairwise(preferences: Tensor, *, eps: float = 1e-6) -> Tensor:
 
 
 @ADVANTAGES.register("pairwise_mean", summary="c / (G-1) * sum_j s_ij: RLOO from preference logits",
-                     paper="Xu et al. 2025 (uncertainty router), arXiv 2510.20369")
+                     paper="Xu et al. 2025 (uncertainty router), arXiv 2510.20369",
+                     inputs=("preferences",), output="completion")
 def pairwise_mean(preferences: Tensor, *, scale: float = 1.0, clamp: float = 10.0) -> Tensor:
     """With s_ij = logit P(i > j) = r_i - r_j under Bradley-Terry this is RLOO's advantage.
 
@@ -96,7 +123,8 @@ def pairwise_mean(preferences: Tensor, *, scale: float = 1.0, clamp: float = 10.
 
 
 @ADVANTAGES.register("gae", summary="generalised advantage estimation with a value model",
-                     paper="Schulman et al. 2016, arXiv 1506.02438")
+                     paper="Schulman et al. 2016, arXiv 1506.02438",
+                     inputs=("token_rewards", "values", "mask"), output="token_and_returns")
 def gae(token_rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0,
         lam: float = 0.95) -> tuple[Tensor, Tensor]:
     """(advantages, returns), both [n, T]; positions outside `mask` are 0. V after the last valid token is 0.
@@ -114,3 +142,19 @@ def gae(token_rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1
         running = (delta + gamma * lam * running) * mask[:, t]
         advantages[:, t] = running
     return advantages, (advantages + values) * mask
+
+
+@ADVANTAGES.register("reinforce_pp", summary="discounted token returns, whitened over the whole batch",
+                     paper="Hu et al. 2025, arXiv 2501.03262", inputs=("token_rewards", "mask"), output="token")
+def reinforce_pp(token_rewards: Tensor, mask: Tensor, *, gamma: float = 1.0, eps: float = 1e-8) -> Tensor:
+    """G_t = sum_{s>=t} gamma^(s-t) r_s, then (G_t - mean) / std over every valid token of the batch. No critic."""
+    mask = mask.to(token_rewards.dtype)
+    returns = torch.zeros_like(token_rewards)
+    running = torch.zeros(token_rewards.shape[0], dtype=token_rewards.dtype, device=token_rewards.device)
+    for t in reversed(range(token_rewards.shape[1])):
+        running = (token_rewards[:, t] + gamma * running) * mask[:, t]
+        returns[:, t] = running
+    count = mask.sum()
+    mean = (returns * mask).sum() / count
+    var = ((returns - mean) ** 2 * mask).sum() / count
+    return (returns - mean) / (var.sqrt() + eps) * mask

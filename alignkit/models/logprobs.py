@@ -7,6 +7,8 @@ the logits. Peak extra memory is one chunk of [rows, vocab] instead of the whole
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -27,21 +29,30 @@ def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
 
 
 class _TokenLogprob(torch.autograd.Function):
-    """log softmax(hidden @ W.T + b)[target] row by row, chunked in forward and backward."""
+    """log softmax(hidden @ W.T + b)[target] row by row, chunked in forward and backward.
+
+    With `want_entropy` it also returns each row's entropy (no gradient), nearly free from the same logits.
+    """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
+                want_entropy: bool = False) -> tuple[Tensor, Tensor]:
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        entropy = torch.zeros_like(out)
         step = _chunk_rows(weight.shape[0])
         for start in range(0, hidden.shape[0], step):
             logits = _chunk_logits(hidden[start:start + step], weight, bias)
             picked = logits.gather(1, targets[start:start + step, None]).squeeze(1)
-            out[start:start + step] = picked - logits.logsumexp(dim=1)
+            normaliser = logits.logsumexp(dim=1)
+            out[start:start + step] = picked - normaliser
+            if want_entropy:
+                entropy[start:start + step] = normaliser - (torch.softmax(logits, dim=1) * logits).sum(1)
         ctx.save_for_backward(hidden, weight, bias, targets)
-        return out
+        ctx.mark_non_differentiable(entropy)
+        return out, entropy
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
+    def backward(ctx, grad_out: Tensor, _grad_entropy: Tensor):
         hidden, weight, bias, targets = ctx.saved_tensors
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
@@ -58,7 +69,7 @@ class _TokenLogprob(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
         grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
-        return grad_hidden, grad_weight.to(weight.dtype), grad_bias, None
+        return grad_hidden, grad_weight.to(weight.dtype), grad_bias, None, None
 
 
 def _base_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
@@ -87,7 +98,7 @@ def token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     base, head = parts
     hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     scored = score_mask[:, 1:].bool()
-    rows = _TokenLogprob.apply(hidden[:, :-1][scored], head.weight, head.bias, input_ids[:, 1:][scored])
+    rows, _ = _TokenLogprob.apply(hidden[:, :-1][scored], head.weight, head.bias, input_ids[:, 1:][scored])
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     out[:, 1:][scored] = rows
     return out
@@ -128,3 +139,51 @@ def reward_scores(model: nn.Module, encoded: list[Encoded], pad_id: int) -> Tens
     if scores.shape[1] != 1:
         raise ValueError(f"the model has {scores.shape[1]} reward heads; use reward_head_scores")
     return scores[:, 0]
+
+
+@dataclass
+class PolicyOutputs:
+    """Per-token quantities of completion tokens, [B, T], 0 elsewhere."""
+
+    logprobs: Tensor
+    entropy: Tensor          # carries a gradient only when asked for (an entropy bonus)
+    values: Tensor | None    # from `value_head` on the same hidden states, when given
+
+
+def _scatter(rows: Tensor, scored: Tensor, shape) -> Tensor:
+    out = torch.zeros(shape, dtype=rows.dtype, device=rows.device)
+    out[:, 1:][scored] = rows
+    return out
+
+
+def policy_outputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, score_mask: Tensor, *,
+                   temperature: float = 1.0, entropy_grad: bool = False,
+                   value_head: nn.Module | None = None) -> PolicyOutputs:
+    """Log-probs of softmax(logits / temperature), entropies and optional values of the scored tokens.
+
+    One trunk pass. The head runs on scored positions only: chunked and fused (entropy without
+    gradient) by default, or in one piece when the entropy needs a gradient. The value of token t is
+    read from the hidden state that predicts it (the state before the token).
+    """
+    parts = _base_and_head(model)
+    scored = score_mask[:, 1:].bool()
+    targets = input_ids[:, 1:][scored]
+    if parts is None:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        hidden, logits = out.hidden_states[-1][:, :-1][scored], out.logits[:, :-1][scored].float() / temperature
+    else:
+        base, head = parts
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1][scored]
+        bias = head.bias / temperature if head.bias is not None else None
+        logits = _chunk_logits(hidden / temperature, head.weight, bias) if entropy_grad else None
+    if logits is not None:
+        log_softmax = logits.log_softmax(-1)
+        logprobs = log_softmax.gather(1, targets[:, None]).squeeze(1)
+        entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+        entropy = entropy if entropy_grad else entropy.detach()
+    else:
+        logprobs, entropy = _TokenLogprob.apply(hidden / temperature, head.weight, bias, targets, True)
+    values = value_head(hidden).squeeze(-1).float() if value_head is not None else None
+    shape = input_ids.shape
+    return PolicyOutputs(_scatter(logprobs, scored, shape), _scatter(entropy, scored, shape),
+                         None if values is None else _scatter(values, scored, shape))

@@ -109,6 +109,15 @@ class UncertaintyRouter:
             self.agreed += int((strong.probs[k] > 0.5) == (fast_probs[i] > 0.5))
             probs[i], failed[i] = strong_probs[k], False
 
+    def state_dict(self) -> dict:
+        """The routing RNG and counters, for checkpoints."""
+        return {"generator": self.generator.get_state(), "counts": (self.pairs, self.routed, self.strong_failed,
+                                                                     self.agreed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.pairs, self.routed, self.strong_failed, self.agreed = state["counts"]
+
     def metrics(self, prefix: str = "router") -> dict[str, float]:
         answered = self.routed - self.strong_failed
         rows = {f"{prefix}/pairs": self.pairs, f"{prefix}/judge_calls": self.routed,

@@ -94,3 +94,23 @@ class RuleReward:
         failed = torch.tensor([r is None for r in results])
         values = torch.tensor([self.failure_score if r is None else r for r in results], dtype=torch.float32)
         return Scores(values, failed=failed)
+
+
+def exact_match(prompt: Prompt, completion: str, reference: str | None) -> float:
+    """1 when the completion equals the reference (surrounding spaces ignored), else 0."""
+    if reference is None:
+        raise ValueError("exact_match needs a reference answer")
+    return float(completion.strip() == reference.strip())
+
+
+def verdict_match(prompt: Prompt, completion: str, reference: str | None) -> float:
+    """Think-RM stage 2 (arXiv 2505.16265): 1 when the last parsed verdict equals the gold verdict, else 0."""
+    from alignkit.judges.templates import parse_verdict
+
+    if reference is None:
+        raise ValueError("verdict_match needs the gold verdict as the reference")
+    match = parse_verdict(completion)
+    return float(match is not None and match.value.lower() == reference.lower())
+
+
+BUILTIN_RULES = {"exact_match": exact_match, "verdict_match": verdict_match}

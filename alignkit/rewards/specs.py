@@ -7,6 +7,8 @@ A spec is `KIND:TARGET[,key=value...]` or a YAML file holding a mapping with `ki
     pm:runs/pairwise-rm-20261123-1030            pairwise preference model (SNGP uncertainty)
     implicit:runs/dpo-1,baseline=runs/sft-1,beta=0.1
     rule:my_rewards.py:exact_match,timeout_s=5   a Python function (prompt, completion, reference) -> float
+    builtin:verdict_match                         a built-in rule: exact_match or verdict_match
+    task:arithmetic                               a built-in task's gold reward (its verifier)
     judge:http://127.0.0.1:8000,model=default    generative pairwise judge over HTTP
     judge:runs/judge-sft-1,swap=false            generative pairwise judge on a local model
     scorer:http://127.0.0.1:8000                 generative pointwise judge (scores 1..9)
@@ -121,6 +123,24 @@ def _rule(*, target: str, **options):
     from alignkit.rewards.rules import RuleReward
 
     return RuleReward(target, **options)
+
+
+@SOURCES.register("builtin", summary="a built-in rule: exact_match, or verdict_match (Think-RM stage 2)")
+def _builtin(*, target: str, **options):
+    from alignkit.rewards.rules import BUILTIN_RULES, RuleReward
+
+    if target not in BUILTIN_RULES:
+        raise ValueError(f"unknown built-in rule {target!r}; known: {', '.join(sorted(BUILTIN_RULES))}")
+    return RuleReward(BUILTIN_RULES[target], **options)
+
+
+@SOURCES.register("task", summary="the gold reward of a built-in task (e.g. task:arithmetic, its verifier)")
+def _task(*, target: str, **options):
+    from alignkit.rewards.rules import RuleReward
+    from alignkit.tasks import TASKS
+
+    task = TASKS.get(target).fn()
+    return RuleReward(lambda prompt, completion, reference: task.gold_reward(prompt, completion), **options)
 
 
 @SOURCES.register("judge", summary="generative pairwise judge: an HTTP endpoint or a local model")

@@ -96,6 +96,17 @@ class Transformed:
             values = step(values, prompts, completions)
         return Scores(values, scores.uncertainty, scores.failed)
 
+    def _stateful(self) -> dict:
+        return {str(i): step for i, step in enumerate(self.steps) if hasattr(step, "state_dict")}
+
+    def state_dict(self) -> dict:
+        """Running statistics of stateful steps, for checkpoints (a resumed run normalises identically)."""
+        return {key: step.state_dict() for key, step in self._stateful().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, step in self._stateful().items():
+            step.load_state_dict(state[key])
+
 
 def build_steps(config: list[dict | str]) -> list[Step]:
     """Steps from config: ["running_norm", {"clip": {"low": -5, "high": 5}}, {"length_penalty": {"alpha": 0.01}}]."""

@@ -1,9 +1,11 @@
 """Built-in offline tasks that carry a gold reward, so every method runs with no download."""
 
 from alignkit.registry import Registry
+from alignkit.tasks.arithmetic import ArithmeticTask
 from alignkit.tasks.cipher import CipherTask
 
 TASKS = Registry("task")
 TASKS.register("cipher", summary="map letters through a hidden substitution key")(CipherTask)
+TASKS.register("arithmetic", summary="add two numbers; a verifier checks the sum")(ArithmeticTask)
 
-__all__ = ["TASKS", "CipherTask"]
+__all__ = ["TASKS", "ArithmeticTask", "CipherTask"]

@@ -11,6 +11,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 def _fields(metrics: dict) -> str:
     parts = [f"loss {metrics['loss']:.4f}"] if "loss" in metrics else []
+    if "reward/mean" in metrics:
+        parts.append(f"reward {metrics['reward/mean']:.3f}")
     if "tokens_per_s" in metrics:
         parts.append(f"{metrics['tokens_per_s']:.0f} tok/s")
     return "  ".join(parts)

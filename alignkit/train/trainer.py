@@ -57,6 +57,13 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+def autocast(precision: str, device: torch.device):
+    """bf16 autocast for precision bf16, or auto on CUDA; otherwise plain fp32."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 class Trainer:
     """Micro-batches, accumulation, AdamW with warmup and decay, checkpoints and metrics."""
 
@@ -106,10 +113,7 @@ class Trainer:
         return out
 
     def _autocast(self):
-        use_bf16 = self.cfg.precision == "bf16" or (self.cfg.precision == "auto" and self.device.type == "cuda")
-        if not use_bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return autocast(self.cfg.precision, self.device)
 
     # ----- reference log-probs, computed once and cached in the run directory -----
     def _prepare_reference(self, resuming: bool) -> None:

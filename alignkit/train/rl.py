@@ -1,0 +1,259 @@
+"""From a config to a finished online RL run: `alignkit rl --recipe NAME`.
+
+A recipe is a named set of config defaults that reproduces one method (the paper index of
+`alignkit rl --help`); a config file and dotted overrides go on top. Self-Rewarding PPO adds a
+first stage: SFT on demonstrations, whose model becomes the policy, the reference and, against the
+untouched base model, the reward.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alignkit.config import ConfigError, build, to_dict
+from alignkit.data.loaders import load_records
+from alignkit.data.records import PromptRecord
+from alignkit.data.tokenize import Encoder, TokenizeConfig
+from alignkit.judges.templates import pairwise_messages
+from alignkit.models.loading import ModelConfig, load_model_and_tokenizer
+from alignkit.registry import Registry
+from alignkit.rewards.specs import build_source
+from alignkit.rewards.transforms import RunningNorm, Transformed
+from alignkit.rollout import GENERATORS, SamplingConfig
+from alignkit.tasks import TASKS
+from alignkit.train.online import OnlineTrainer, RLConfig
+from alignkit.train.rundir import RunDir
+
+
+@dataclass
+class RLDataConfig:
+    train: str | None = None        # prompt records (file, saved dataset or hub id); None: built-in task
+    eval: str | None = None
+    eval_fraction: float = 0.1
+    kind: str = "prompt"            # or "judgement": judge prompts with the gold verdict (Think-RM stage 2)
+    columns: dict | None = None
+    on_error: str = "raise"
+    split: str = "train"
+    task: str = "arithmetic"
+    task_size: int = 1000
+    eval_size: int = 100
+    judge_template: str = "pairwise"
+    seed: int = 0
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "transformers"   # or "vllm" (CUDA, optional extra)
+    options: dict = field(default_factory=dict)   # backend arguments, e.g. batch_size
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: list[str] = field(default_factory=list)
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(self.max_new_tokens, self.temperature, self.top_p, self.top_k, tuple(self.stop))
+
+
+@dataclass
+class RLRunConfig:
+    recipe: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    reference: str | None = None    # KL reference; default: the initial policy
+    reward: str | dict | None = "task"     # reward source spec (docs/rewards.md); "task": the task's gold reward
+    judge: str | dict | None = None        # pairwise judge spec; default for pairwise advantages: `reward` as BT
+    eval_reward: str | dict | None = None  # held-out scoring; default: the task's gold reward, else `reward`
+    data: RLDataConfig = field(default_factory=RLDataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    sft: dict | None = None         # Self-Rewarding PPO stage 1: train.* options of an SFT run on demonstrations
+    output_dir: str = "runs"
+    run_name: str | None = None
+
+
+@dataclass
+class RLResult:
+    run: RunDir
+    metrics: dict
+    initial_metrics: dict
+    trainer: OnlineTrainer
+
+
+RECIPES = Registry("RL recipe")
+
+
+def _recipe(name: str, defaults: dict, **about) -> None:
+    """Register a recipe: a function returning its config defaults."""
+    RECIPES.register(name, **about)(lambda: copy.deepcopy(defaults))
+
+
+_PPO = {"rl": {"advantage": "gae", "normalize_advantages": True, "kl_coef": 0.01, "kl_in": "reward",
+               "ppo_epochs": 2, "mini_batches": 2, "critic_lr": 1e-4, "critic": "separate", "group_size": 1}}
+_recipe("grpo", {"rl": {"advantage": "grpo", "aggregation": "seq-mean-token-mean"}},
+        summary="group-normalised outcome rewards, clipped surrogate", paper="Shao et al. 2024, arXiv 2402.03300")
+_recipe("dr-grpo", {"rl": {"advantage": "dr_grpo", "aggregation": "seq-mean-token-sum-norm"}},
+        summary="GRPO without std scaling, constant-length aggregation", paper="Liu et al. 2025, arXiv 2503.20783")
+_recipe("dapo", {"rl": {"advantage": "grpo", "aggregation": "token-mean", "clip_high": 0.28,
+                        "dynamic_sampling": True, "overlong_buffer": 8}},
+        summary="clip-higher, dynamic sampling, token-mean, overlong shaping", paper="Yu et al. 2025, arXiv 2503.14476")
+_recipe("gspo", {"rl": {"advantage": "grpo", "importance_ratio": "sequence", "clip_low": 3e-4, "clip_high": 4e-4,
+                        "aggregation": "seq-mean-token-mean"}},
+        summary="sequence-level importance ratio", paper="Zheng et al. 2025, arXiv 2507.18071")
+_recipe("rloo", {"rl": {"advantage": "rloo", "kl_coef": 0.05, "kl_in": "reward"}},
+        summary="leave-one-out baseline, sequence KL in the reward", paper="Ahmadian et al. 2024, arXiv 2402.14740")
+_recipe("reinforce-pp", {"rl": {"advantage": "reinforce_pp", "kl_coef": 0.01, "kl_in": "reward"}},
+        summary="token returns with k1 KL in the reward, global whitening", paper="Hu et al. 2025, arXiv 2501.03262")
+_recipe("reinforce-pp-baseline", {"rl": {"advantage": "reinforce_pp_baseline", "kl_coef": 0.01}},
+        summary="group-mean baseline, global whitening, k3 KL loss", paper="Hu et al. 2025, arXiv 2501.03262")
+_recipe("remax", {"rl": {"advantage": "remax"}},
+        summary="the greedy completion's reward as the baseline", paper="Li et al. 2023, arXiv 2310.10505")
+_recipe("ppo", _PPO, summary="GAE with a critic, clipped value loss, k1 KL in the reward",
+        paper="Ouyang et al. 2022, arXiv 2203.02155")
+_recipe("self-rewarding-ppo", {**_PPO, "reward": "srppo", "sft": {"epochs": 3, "lr": 1e-3, "batch_size": 16}},
+        summary="SFT, then PPO on log pi_SFT - log pi_base at EOS (demonstrations only)",
+        paper="Zhang et al. 2025, arXiv 2510.21090")
+_recipe("pairwise-rlhf", {"rl": {"advantage": "pairwise", "preference_signal": "sign", "kl_coef": 1e-4,
+                                 "aggregation": "seq-mean-token-mean"}},
+        summary="GRPO-style advantages from a pairwise judge's verdicts", paper="Hong et al. 2025, arXiv 2505.16265")
+_recipe("router-rlhf", {"rl": {"advantage": "pairwise_mean", "preference_signal": "logit"}},
+        summary="RLOO from preference logits of an uncertainty-routed judge", paper="Xu et al. 2025, arXiv 2510.20369")
+_recipe("think-rm", {"reward": "builtin:verdict_match", "data": {"kind": "judgement", "task": "cipher"},
+                     "rl": {"advantage": "grpo", "kl_coef": 1e-4}},
+        summary="Think-RM stage 2: RL of a generative judge on verdict correctness",
+        paper="Hong et al. 2025, arXiv 2505.16265")
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def config_from(data: dict) -> RLRunConfig:
+    """Recipe defaults, then `data` (a config file with overrides applied) on top."""
+    recipe = data.get("recipe")
+    defaults = RECIPES.get(recipe).fn() if recipe else {}
+    return build(RLRunConfig, _merge(defaults, data))
+
+
+# ----- prompts: which records, and how they become prompts with a reference answer -----
+PROMPT_DATA = Registry("RL prompt data")
+
+
+@PROMPT_DATA.register("prompt", summary="prompts with an optional reference answer")
+def _prompt_records(records: list, cfg: RLDataConfig) -> list[PromptRecord]:
+    return records
+
+
+@PROMPT_DATA.register("judgement", summary="judge prompts for (prompt, a, b); the reference is the gold verdict")
+def _judge_prompts(records: list, cfg: RLDataConfig) -> list[PromptRecord]:
+    return [PromptRecord(pairwise_messages(cfg.judge_template, r.prompt, r.a, r.b), r.verdict, r.index, r.origin)
+            for r in records]
+
+
+def _task_records(cfg: RLDataConfig, kind: str, n: int, seed: int) -> list:
+    task = TASKS.get(cfg.task).fn()
+    maker = {"prompt": "prompts", "judgement": "judgements", "demonstration": "demonstrations"}[kind]
+    if not hasattr(task, maker):
+        raise ConfigError(f"task {cfg.task!r} has no {kind} data")
+    return getattr(task, maker)(n, seed)
+
+
+def load_prompts(cfg: RLDataConfig) -> tuple[list[PromptRecord], list[PromptRecord]]:
+    convert = PROMPT_DATA.get(cfg.kind).fn
+    if cfg.train is None:
+        return (convert(_task_records(cfg, cfg.kind, cfg.task_size, cfg.seed), cfg),
+                convert(_task_records(cfg, cfg.kind, cfg.eval_size, cfg.seed + 10_000), cfg))
+    train = load_records(cfg.train, cfg.kind, columns=cfg.columns, on_error=cfg.on_error, split=cfg.split).records
+    if cfg.eval:
+        evaluation = load_records(cfg.eval, cfg.kind, columns=cfg.columns, on_error=cfg.on_error).records
+    else:
+        n_eval = int(len(train) * cfg.eval_fraction)
+        evaluation, train = train[:n_eval], train[n_eval:]
+    return convert(train, cfg), convert(evaluation, cfg)
+
+
+# ----- Self-Rewarding PPO stage 1 -----
+def _self_rewarding_stage(cfg: RLRunConfig, base, tokenizer, run: RunDir):
+    """SFT on demonstrations; returns (policy, reference, reward): log pi_SFT - log pi_base, normalised.
+
+    The SFT model is kept in the run directory (`sft-model/`), so a resumed run reuses it.
+    """
+    from alignkit.rewards.implicit import ImplicitReward
+
+    saved = run.path / "sft-model"
+    if (saved / "config.json").exists():
+        sft = load_model_and_tokenizer(build(ModelConfig, {"name": str(saved)}))[0]
+    else:
+        sft = _sft(cfg, copy.deepcopy(base), tokenizer)
+        sft.save_pretrained(saved)
+    frozen = copy.deepcopy(sft).eval().requires_grad_(False)
+    reward = ImplicitReward(frozen, base.eval().requires_grad_(False), tokenizer, tokenize=cfg.data.tokenize)
+    return sft, frozen, Transformed(reward, RunningNorm())
+
+
+def _sft(cfg: RLRunConfig, model, tokenizer):
+    from alignkit.train.recipes import DataConfig, RunConfig, train
+
+    sft_cfg = RunConfig(model=cfg.model, data=DataConfig(task=cfg.data.task, task_size=cfg.data.task_size,
+                                                         eval_size=cfg.data.eval_size, seed=cfg.data.seed,
+                                                         tokenize=cfg.data.tokenize),
+                        train=build(type(RunConfig().train), {"progress": cfg.rl.progress, **cfg.sft}),
+                        output_dir=cfg.output_dir, run_name=f"{cfg.run_name}-sft" if cfg.run_name else None)
+    return train(sft_cfg, "sft", model=model, tokenizer=tokenizer).model
+
+
+def _sources(cfg: RLRunConfig, model, tokenizer, run: RunDir):
+    """(policy, reference, reward, judge)."""
+    if cfg.reward == "srppo":
+        if not cfg.sft:
+            raise ConfigError("reward=srppo needs the sft stage (use --recipe self-rewarding-ppo)")
+        policy, reference, reward = _self_rewarding_stage(cfg, model, tokenizer, run)
+        return policy, reference, reward, None
+    reference = load_model_and_tokenizer(build(ModelConfig, {"name": cfg.reference}))[0] if cfg.reference else None
+    reward = build_source(_default_task(cfg.reward, cfg)) if cfg.reward else None
+    judge = build_source(cfg.judge) if cfg.judge else None
+    if judge is not None and not hasattr(judge, "compare"):
+        raise ConfigError(f"judge {cfg.judge!r} is a pointwise reward source; pass it as reward= instead")
+    return model, reference, reward, judge
+
+
+def _default_task(spec, cfg: RLRunConfig):
+    return f"task:{cfg.data.task}" if spec == "task" else spec
+
+
+def _eval_reward(cfg: RLRunConfig, reward):
+    if cfg.eval_reward:
+        return build_source(_default_task(cfg.eval_reward, cfg))
+    if cfg.data.train is None and cfg.data.kind == "prompt":
+        return build_source(f"task:{cfg.data.task}")
+    return reward if cfg.reward != "srppo" else None
+
+
+def run_rl(cfg: RLRunConfig, resume: str | Path | None = None, model=None, tokenizer=None) -> RLResult:
+    """Run online RL end to end; with `resume`, continue a killed run from its last checkpoint."""
+    if resume and not (Path(resume) / "config.yaml").exists():
+        raise FileNotFoundError(f"cannot resume {resume}: no config.yaml there")
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(cfg.model)
+    train_records, eval_records = load_prompts(cfg.data)
+    encoder = Encoder(tokenizer, cfg.data.tokenize)
+    encode = [encoder.encode(r.prompt) for r in train_records], [encoder.encode(r.prompt) for r in eval_records]
+    run = RunDir(resume) if resume else RunDir.create(cfg.output_dir, "rl", cfg.run_name)
+    print(f"run directory: {run.path}", flush=True)
+    if not resume:
+        run.write_config({"command": "rl", **to_dict(cfg)})
+        run.write_manifest(cfg.rl.seed, [f for f in (cfg.data.train, cfg.data.eval) if f])
+        run.log({"step": 0, "event": "data", "train_prompts": len(train_records), "eval_prompts": len(eval_records),
+                 "truncated": encoder.truncated})
+    policy, reference, reward, judge = _sources(cfg, model, tokenizer, run)
+    generator = GENERATORS.call(cfg.rollout.backend, policy, tokenizer, **cfg.rollout.options)
+    trainer = OnlineTrainer(policy, tokenizer, generator, encode[0], train_records, cfg.rl, cfg.rollout.sampling(),
+                            run, reward=reward, judge=judge, reference=reference, eval_prompts=encode[1],
+                            eval_records=eval_records, eval_reward=_eval_reward(cfg, reward))
+    metrics = trainer.fit(resume=bool(resume))
+    return RLResult(run, metrics, trainer.initial_metrics, trainer)
