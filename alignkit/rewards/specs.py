@@ -135,11 +135,11 @@ def _builtin(*, target: str, **options):
 
 
 @SOURCES.register("task", summary="the gold reward of a built-in task (e.g. task:arithmetic, its verifier)")
-def _task(*, target: str, **options):
+def _task(*, target: str, task_options: dict | None = None, **options):
     from alignkit.rewards.rules import RuleReward
     from alignkit.tasks import TASKS
 
-    task = TASKS.get(target).fn()
+    task = TASKS.get(target).fn(**(task_options or {}))
     return RuleReward(lambda prompt, completion, reference: task.gold_reward(prompt, completion), **options)
 
 

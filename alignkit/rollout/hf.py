@@ -38,8 +38,8 @@ class TransformersGenerator:
         self.model = model
 
     def generate(self, prompts: Sequence[list[int]], sampling: SamplingConfig, seed: int) -> list[Completion]:
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+        if any(len(p) == 0 for p in prompts) or sampling.temperature < 0:
+            raise ValueError("every prompt needs at least one token, and the temperature must be at least 0")
         device = next(self.model.parameters()).device
         rng = torch.Generator(device=device).manual_seed(seed)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -134,10 +134,28 @@ def sample(logits: Tensor, sampling: SamplingConfig, rng: torch.Generator) -> tu
         probs = logits.softmax(-1)
     else:
         probs = logits.div_(sampling.temperature).softmax(-1)
-        cdf = truncate(probs, sampling.top_k, sampling.top_p).cumsum(-1)
-        draw = torch.rand(cdf.shape[0], 1, generator=rng, device=cdf.device) * cdf[:, -1:]
-        tokens = torch.searchsorted(cdf, draw, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+        tokens = draw(truncate(probs, sampling.top_k, sampling.top_p), rng)
     return tokens, probs.gather(1, tokens[:, None]).squeeze(1).log()
+
+
+def draw(weights: Tensor, rng: torch.Generator, block: int = 256) -> Tensor:
+    """One index per row with probability proportional to `weights` [B, V], by one uniform number per row.
+
+    The number is placed in the running sums of blocks of the vocabulary, then in the running sum inside its
+    block: two short cumulative sums instead of one over the whole vocabulary. An index of zero weight is
+    never drawn.
+    """
+    block = min(block, weights.shape[1])
+    rows, padding = weights.shape[0], -weights.shape[1] % block
+    blocks = (torch.nn.functional.pad(weights, (0, padding)) if padding else weights).view(rows, -1, block)
+    sums = blocks.sum(-1)
+    ends = sums.cumsum(-1)
+    target = torch.rand(rows, 1, generator=rng, device=weights.device) * ends[:, -1:]
+    chosen = torch.searchsorted(ends, target, right=True).clamp_(max=ends.shape[1] - 1)
+    inside = blocks[torch.arange(rows, device=weights.device), chosen[:, 0]].cumsum(-1)
+    rest = (target - ends.gather(1, chosen) + sums.gather(1, chosen)).clamp_(min=0)
+    rest = torch.minimum(rest, inside[:, -1:].nextafter(torch.zeros_like(rest)))
+    return (chosen * block + torch.searchsorted(inside, rest, right=True)).squeeze(1)
 
 
 def truncate(probs: Tensor, top_k: int, top_p: float) -> Tensor:

@@ -3,6 +3,8 @@
 Prompt "cabd=" asks for each letter mapped through a secret permutation of the alphabet.
 The gold reward is the fraction of positions answered correctly (0 when the length is wrong).
 Rejected answers are hard negatives: the right answer with one or two letters changed.
+Every maker takes a `split` for a uniform task interface; here a different seed already draws
+prompts the training data almost never shows (over 300,000 possible prompts).
 """
 
 from __future__ import annotations
@@ -44,13 +46,13 @@ class CipherTask:
             letters[pos] = rng.choice([c for c in ALPHABET if c != letters[pos]])
         return "".join(letters)
 
-    def demonstrations(self, n: int, seed: int = 0) -> list[Demonstration]:
+    def demonstrations(self, n: int, seed: int = 0, split: str = "train") -> list[Demonstration]:
         rng = random.Random(seed)
         prompts = [self._prompt(rng) for _ in range(n)]
         return [Demonstration(p, self.answer(p), index=i, origin=f"cipher:{i}")
                 for i, p in enumerate(prompts)]
 
-    def comparisons(self, n: int, seed: int = 0, flip_rate: float = 0.0
+    def comparisons(self, n: int, seed: int = 0, flip_rate: float = 0.0, split: str = "train"
                     ) -> tuple[list[Comparison], list[bool]]:
         """Pairs (right answer, corrupted answer); a `flip_rate` share get their labels swapped.
 
@@ -68,7 +70,7 @@ class CipherTask:
             flipped.append(flip)
         return pairs, flipped
 
-    def ratings(self, n: int, seed: int = 0) -> list[Rating]:
+    def ratings(self, n: int, seed: int = 0, split: str = "train") -> list[Rating]:
         """Half right answers labelled desirable, half random letter strings labelled undesirable.
 
         Unpaired labels carry no contrast within a prompt, so the bad answers are plainly wrong
@@ -84,7 +86,7 @@ class CipherTask:
             records.append(Rating(prompt, completion, good, index=i, origin=f"cipher:{i}"))
         return records
 
-    def prompts(self, n: int, seed: int = 0) -> list[PromptRecord]:
+    def prompts(self, n: int, seed: int = 0, split: str = "train") -> list[PromptRecord]:
         rng = random.Random(seed)
         return [PromptRecord(p, self.answer(p), index=i, origin=f"cipher:{i}")
                 for i, p in enumerate(self._prompt(rng) for _ in range(n))]
@@ -108,7 +110,7 @@ class CipherTask:
         verdict = "A" if wrong_a < wrong_b else "B" if wrong_b < wrong_a else "tie"
         return f"solution {truth}\nA {check_a} {wrong_a} wrong\nB {check_b} {wrong_b} wrong", verdict
 
-    def judgements(self, n: int, seed: int = 0) -> list[Judgement]:
+    def judgements(self, n: int, seed: int = 0, split: str = "train") -> list[Judgement]:
         """Comparison pairs in random A/B order, each with the gold judge's reasoning and verdict."""
         pairs, _ = self.comparisons(n, seed)
         rng = random.Random(seed + 1)

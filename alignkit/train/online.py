@@ -514,17 +514,26 @@ class OnlineTrainer:
         out.update({"time/step": elapsed, "tokens_per_s": tokens / elapsed})
         return out
 
-    # ----- evaluation: greedy completions of held-out prompts, scored by the eval reward -----
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        if not self.eval_prompts or self.eval_reward is None:
-            return {}
-        greedy = SamplingConfig(**{**vars(self.sampling), "temperature": 0.0})
-        completions = self._generate([e.prompt for e in self.eval_prompts], greedy, salt=-1)
+    # ----- evaluation: held-out prompts, greedy and sampled, scored by the eval reward -----
+    def _eval_reward_of(self, sampling: SamplingConfig, salt: int) -> tuple[float, float]:
+        completions = self._generate([e.prompt for e in self.eval_prompts], sampling, salt=salt)
         scores = self.eval_reward.score([r.prompt for r in self.eval_records], [c.text for c in completions],
                                         [r.reference for r in self.eval_records])
-        return {"eval/reward": float(scores.values.float().mean()),
-                "eval/response_length": sum(len(c) for c in completions) / len(completions)}
+        return float(scores.values.float().mean()), sum(len(c) for c in completions) / len(completions)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean eval reward of greedy completions, and of one sample per prompt at the training temperature
+        (seeded the same at every evaluation)."""
+        if not self.eval_prompts or self.eval_reward is None:
+            return {}
+        greedy, length = self._eval_reward_of(SamplingConfig(**{**vars(self.sampling), "temperature": 0.0}), -1)
+        step, self.step = self.step, 0
+        try:
+            sampled, _ = self._eval_reward_of(self.sampling, -2)
+        finally:
+            self.step = step
+        return {"eval/reward": greedy, "eval/sampled_reward": sampled, "eval/response_length": length}
 
     # ----- checkpoints -----
     def _state(self) -> dict:

@@ -33,6 +33,7 @@ class DataConfig:
     columns: dict | None = None      # our field name -> column name in the data
     on_error: str = "raise"          # or "skip": drop bad records, report their count and examples
     task: str = "cipher"             # built-in task used when `train` is empty
+    task_options: dict = field(default_factory=dict)  # e.g. {max_operand: 9}
     task_size: int = 1000
     eval_size: int = 200
     flip_rate: float = 0.0           # built-in comparisons: share of labels swapped (noise)
@@ -102,15 +103,20 @@ def _rated_examples(records, encoder: Encoder) -> list:
 
 
 def _task_records(cfg: DataConfig, kind: str) -> tuple[list, list]:
-    task = TASKS.get(cfg.task).fn()
+    task = TASKS.get(cfg.task).fn(**cfg.task_options)
     makers = {
-        "demonstration": lambda n, seed: task.demonstrations(n, seed),
-        "comparison": lambda n, seed: task.comparisons(n, seed, cfg.flip_rate if seed == cfg.seed else 0)[0],
-        "rating": lambda n, seed: task.ratings(n, seed),
-        "judgement": lambda n, seed: task.judgements(n, seed),
+        "demonstration": lambda n, seed, split: task.demonstrations(n, seed, split=split),
+        "comparison": lambda n, seed, split: task.comparisons(n, seed, cfg.flip_rate if split == "train" else 0,
+                                                               split=split)[0],
+        "rating": lambda n, seed, split: task.ratings(n, seed, split=split),
+        "judgement": lambda n, seed, split: task.judgements(n, seed, split=split),
     }
+    method = {"demonstration": "demonstrations", "comparison": "comparisons", "rating": "ratings",
+              "judgement": "judgements"}[kind]
+    if not hasattr(task, method):
+        raise ValueError(f"task {cfg.task!r} has no {kind} data; tasks: {', '.join(TASKS.names())}")
     make = makers[kind]
-    return make(cfg.task_size, cfg.seed), make(cfg.eval_size, cfg.seed + 10_000)
+    return make(cfg.task_size, cfg.seed, "train"), make(cfg.eval_size, cfg.seed + 10_000, "eval")
 
 
 def load_splits(cfg: DataConfig, kind: str) -> tuple[list, list, list[str]]:

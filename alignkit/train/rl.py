@@ -37,6 +37,7 @@ class RLDataConfig:
     on_error: str = "raise"
     split: str = "train"
     task: str = "arithmetic"
+    task_options: dict = field(default_factory=dict)  # e.g. {max_operand: 9}
     task_size: int = 1000
     eval_size: int = 100
     judge_template: str = "pairwise"
@@ -155,19 +156,19 @@ def _judge_prompts(records: list, cfg: RLDataConfig) -> list[PromptRecord]:
             for r in records]
 
 
-def _task_records(cfg: RLDataConfig, kind: str, n: int, seed: int) -> list:
-    task = TASKS.get(cfg.task).fn()
-    maker = {"prompt": "prompts", "judgement": "judgements", "demonstration": "demonstrations"}[kind]
+def _task_records(cfg: RLDataConfig, kind: str, n: int, seed: int, split: str) -> list:
+    task = TASKS.get(cfg.task).fn(**cfg.task_options)
+    maker = {"prompt": "prompts", "judgement": "judgements"}[kind]
     if not hasattr(task, maker):
         raise ConfigError(f"task {cfg.task!r} has no {kind} data")
-    return getattr(task, maker)(n, seed)
+    return getattr(task, maker)(n, seed, split=split)
 
 
 def load_prompts(cfg: RLDataConfig) -> tuple[list[PromptRecord], list[PromptRecord]]:
     convert = PROMPT_DATA.get(cfg.kind).fn
     if cfg.train is None:
-        return (convert(_task_records(cfg, cfg.kind, cfg.task_size, cfg.seed), cfg),
-                convert(_task_records(cfg, cfg.kind, cfg.eval_size, cfg.seed + 10_000), cfg))
+        return (convert(_task_records(cfg, cfg.kind, cfg.task_size, cfg.seed, "train"), cfg),
+                convert(_task_records(cfg, cfg.kind, cfg.eval_size, cfg.seed + 10_000, "eval"), cfg))
     train = load_records(cfg.train, cfg.kind, columns=cfg.columns, on_error=cfg.on_error, split=cfg.split).records
     if cfg.eval:
         evaluation = load_records(cfg.eval, cfg.kind, columns=cfg.columns, on_error=cfg.on_error).records
@@ -199,7 +200,8 @@ def _self_rewarding_stage(cfg: RLRunConfig, base, tokenizer, run: RunDir):
 def _sft(cfg: RLRunConfig, model, tokenizer):
     from alignkit.train.recipes import DataConfig, RunConfig, train
 
-    sft_cfg = RunConfig(model=cfg.model, data=DataConfig(task=cfg.data.task, task_size=cfg.data.task_size,
+    sft_cfg = RunConfig(model=cfg.model, data=DataConfig(task=cfg.data.task, task_options=cfg.data.task_options,
+                                                         task_size=cfg.data.task_size,
                                                          eval_size=cfg.data.eval_size, seed=cfg.data.seed,
                                                          tokenize=cfg.data.tokenize),
                         train=build(type(RunConfig().train), {"progress": cfg.rl.progress, **cfg.sft}),
@@ -223,14 +225,15 @@ def _sources(cfg: RLRunConfig, model, tokenizer, run: RunDir):
 
 
 def _default_task(spec, cfg: RLRunConfig):
-    return f"task:{cfg.data.task}" if spec == "task" else spec
+    """"task" stands for the gold reward of the run's built-in task."""
+    return {"kind": "task", "target": cfg.data.task, "task_options": cfg.data.task_options} if spec == "task" else spec
 
 
 def _eval_reward(cfg: RLRunConfig, reward):
     if cfg.eval_reward:
         return build_source(_default_task(cfg.eval_reward, cfg))
     if cfg.data.train is None and cfg.data.kind == "prompt":
-        return build_source(f"task:{cfg.data.task}")
+        return build_source(_default_task("task", cfg))
     return reward if cfg.reward != "srppo" else None
 
 
