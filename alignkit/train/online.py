@@ -191,6 +191,9 @@ class OnlineTrainer:
             raise ValueError(f"rl.schedule must be one of {sorted(SCHEDULES)}, got {cfg.schedule!r}")
         if cfg.critic not in CRITICS or cfg.kl_in not in ("loss", "reward") or cfg.on_nonfinite not in ("stop", "skip"):
             raise ValueError("rl.critic is separate|shared, rl.kl_in loss|reward, rl.on_nonfinite stop|skip")
+        if cfg.overlong_buffer >= self.sampling.max_new_tokens:
+            raise ValueError(f"rl.overlong_buffer ({cfg.overlong_buffer}) must be smaller than "
+                             f"rollout.max_new_tokens ({self.sampling.max_new_tokens})")
         if cfg.group_size < 2 and self.estimator.meta["output"] == "completion" and "baseline" not in self.wants:
             raise ValueError(f"advantage {cfg.advantage!r} compares completions of a prompt: rl.group_size >= 2")
         if "preferences" in self.wants:
@@ -469,7 +472,7 @@ class OnlineTrainer:
     # ----- one step -----
     def train_step(self) -> dict:
         timer, started = PhaseTimer(), time.perf_counter()
-        judge_calls = self._calls()
+        counts = self._source_counts()
         exp, sampling = self.collect(timer)
         if exp.rewards is None and exp.preferences is None:
             self.run.log({"step": self.step + 1, "event": "no_varied_groups"})
@@ -484,13 +487,15 @@ class OnlineTrainer:
             self.generator.sync_weights(self.policy)
         metrics.update(sampling)
         metrics.update(self._signal_metrics(exp))
-        metrics["judge_calls"] = self._calls() - judge_calls
+        metrics.update({key: value - counts[key] for key, value in self._source_counts().items()})
         metrics.update(self._phase_metrics(timer, started, int(sum(len(c) for c in exp.completions))))
         return metrics
 
-    def _calls(self) -> int:
-        source = self.judge if "preferences" in self.wants else self.reward
-        return source.stats.calls if source is not None else 0
+    def _source_counts(self) -> dict:
+        """Cumulative calls, scored items (pairs for a judge) and failures of the signal's source."""
+        kind, source = ("judge", self.judge) if "preferences" in self.wants else ("reward", self.reward)
+        stats = source.stats
+        return {f"{kind}/calls": stats.calls, f"{kind}/items": stats.items, f"{kind}/failures": stats.failures}
 
     def _signal_metrics(self, exp: Experience) -> dict:
         lengths = exp.mask.sum(1)
@@ -503,8 +508,8 @@ class OnlineTrainer:
             out.update({"reward/mean": float(exp.rewards.mean()), "reward/std": float(exp.rewards.std())})
         if exp.preferences is not None:
             out["preference/abs_mean"] = float(exp.preferences.abs().mean())
-        if hasattr(self.judge, "metrics"):
-            out.update(self.judge.metrics("judge"))
+        if hasattr(self.judge, "metrics"):  # the router: strong-judge calls and their share, cumulative
+            out.update(self.judge.metrics("router"))
         return out
 
     @staticmethod

@@ -237,8 +237,12 @@ def _eval_reward(cfg: RLRunConfig, reward):
     return reward if cfg.reward != "srppo" else None
 
 
-def run_rl(cfg: RLRunConfig, resume: str | Path | None = None, model=None, tokenizer=None) -> RLResult:
-    """Run online RL end to end; with `resume`, continue a killed run from its last checkpoint."""
+def run_rl(cfg: RLRunConfig, resume: str | Path | None = None, model=None, tokenizer=None, *,
+           reward=None, judge=None) -> RLResult:
+    """Run online RL end to end; with `resume`, continue a killed run from its last checkpoint.
+
+    `reward` (a RewardSource) or `judge` (a PairwiseJudge) objects, when given, replace the specs in `cfg`.
+    """
     if resume and not (Path(resume) / "config.yaml").exists():
         raise FileNotFoundError(f"cannot resume {resume}: no config.yaml there")
     if model is None:
@@ -253,7 +257,10 @@ def run_rl(cfg: RLRunConfig, resume: str | Path | None = None, model=None, token
         run.write_manifest(cfg.rl.seed, [f for f in (cfg.data.train, cfg.data.eval) if f])
         run.log({"step": 0, "event": "data", "train_prompts": len(train_records), "eval_prompts": len(eval_records),
                  "truncated": encoder.truncated})
-    policy, reference, reward, judge = _sources(cfg, model, tokenizer, run)
+    if reward is not None or judge is not None:
+        policy, reference = model, None
+    else:
+        policy, reference, reward, judge = _sources(cfg, model, tokenizer, run)
     generator = GENERATORS.call(cfg.rollout.backend, policy, tokenizer, **cfg.rollout.options)
     trainer = OnlineTrainer(policy, tokenizer, generator, encode[0], train_records, cfg.rl, cfg.rollout.sampling(),
                             run, reward=reward, judge=judge, reference=reference, eval_prompts=encode[1],
