@@ -73,6 +73,16 @@ def latest_checkpoint(root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def resume_point(root: Path, resume: bool) -> Path | None:
+    """The checkpoint to continue from when resuming (an error if there is none), else None."""
+    if not resume:
+        return None
+    checkpoint = latest_checkpoint(root)
+    if checkpoint is None:
+        raise RuntimeError(f"nothing to resume: no complete checkpoint in {root}")
+    return checkpoint
+
+
 def restore_weights(model, checkpoint: Path) -> None:
     """Load the weights saved by `save_checkpoint` into `model` (adapters only for peft models)."""
     from safetensors.torch import load_file

@@ -39,7 +39,7 @@ from alignkit.models.value import ValueModel, value_head
 from alignkit.registry import Registry
 from alignkit.rewards.base import RewardComparison
 from alignkit.rollout import Completion, SamplingConfig
-from alignkit.train.checkpoint import latest_checkpoint, load_state, restore_weights, save_checkpoint, set_rng_state
+from alignkit.train.checkpoint import load_state, restore_weights, resume_point, save_checkpoint, set_rng_state
 from alignkit.train.progress import ProgressReporter
 from alignkit.train.rundir import RunDir
 from alignkit.train.trainer import SCHEDULES, NonFiniteError, autocast
@@ -569,9 +569,7 @@ class OnlineTrainer:
 
     # ----- the loop -----
     def fit(self, resume: bool = False) -> dict:
-        checkpoint = latest_checkpoint(self.run.checkpoints) if resume else None
-        if resume and checkpoint is None:
-            raise RuntimeError(f"nothing to resume: no complete checkpoint in {self.run.checkpoints}")
+        checkpoint = resume_point(self.run.checkpoints, resume)
         if checkpoint is not None:
             self._restore(checkpoint)
         else:

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from alignkit.train.checkpoint import (
-    latest_checkpoint,
-    load_state,
+        load_state,
     restore_weights,
+    resume_point,
     save_checkpoint,
     set_rng_state,
 )
@@ -228,9 +228,7 @@ class Trainer:
 
     # ----- the loop -----
     def fit(self, resume: bool = False) -> dict:
-        checkpoint = latest_checkpoint(self.run.checkpoints) if resume else None
-        if resume and checkpoint is None:
-            raise RuntimeError(f"nothing to resume: no complete checkpoint in {self.run.checkpoints}")
+        checkpoint = resume_point(self.run.checkpoints, resume)
         if checkpoint is not None:
             self._restore(checkpoint)
         self._prepare_reference(resuming=checkpoint is not None)
