@@ -221,6 +221,13 @@ def test_think_rm_stage_two_trains_a_judge_on_verdict_correctness_then_eval_rm_r
                  "--json"]) == 0
     report = json.loads(capsys.readouterr().out)["sources"][0]
     assert 0.0 <= report["accuracy"] <= 1.0
+    # the trained judge then drives pairwise RLHF of a policy (the Think-RM pipeline's last stage)
+    assert main(["rl", "--recipe", "pairwise-rlhf", "--model", "tiny", f"output_dir={tmp_path}", "run_name=policy",
+                 f"judge=judge:{tmp_path / 'judge'},max_tokens=8,on_unparsable=tie", "rl.steps=1",
+                 "rl.prompts_per_step=2", "rl.group_size=3", "rollout.max_new_tokens=4", "data.eval_size=2",
+                 "rl.progress=false"]) == 0
+    (row,) = train_rows(build_run(tmp_path / "policy"))
+    assert row["train/judge/items"] == 2 * 3    # P * G(G-1)/2 pairs, each judged once
 
 
 def build_run(path):
