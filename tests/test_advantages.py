@@ -1,5 +1,6 @@
 """Advantage estimators against their closed forms, computed by hand on small tensors."""
 
+import inspect
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alignkit.algorithms.advantages import ADVANTAGES
+from alignkit.algorithms.advantages import ADVANTAGES, OUTPUTS, estimate
 
 R = torch.tensor([[1.0, 0.0, 0.0, 1.0], [2.0, 4.0, 6.0, 8.0]], dtype=torch.float64)
 
@@ -114,5 +115,71 @@ def test_group_advantages_do_not_depend_on_the_other_groups(n, g, seed):
 
 
 def test_every_registered_estimator_has_a_closed_form_test_here():
-    tested = {"grpo", "dr_grpo", "rloo", "remax", "reinforce_pp_baseline", "pairwise", "pairwise_mean", "gae"}
+    tested = {"grpo", "dr_grpo", "rloo", "remax", "reinforce_pp_baseline", "pairwise", "pairwise_mean", "gae",
+              "reinforce_pp"}
     assert set(ADVANTAGES.names()) == tested
+
+
+TOKEN_REWARDS = torch.tensor([[0.5, 0.0, 1.0], [2.0, 7.0, 7.0]], dtype=torch.float64)   # row 1: one token, then padding
+TOKEN_MASK = torch.tensor([[1, 1, 1], [1, 0, 0]])
+
+
+def test_reinforce_pp_discounted_returns_whitened_over_valid_tokens():
+    # gamma = 1: returns row 0: 1.5, 1, 1; row 1: 2 (padding rewards 7 ignored)
+    # valid tokens 1.5, 1, 1, 2 -> mean 1.375; deviations .125, -.375, -.375, .625 -> var 0.6875 / 4 = 0.171875
+    s = math.sqrt(0.171875)
+    out = call("reinforce_pp", TOKEN_REWARDS, TOKEN_MASK, eps=0.0)
+    assert_close(out, [[0.125 / s, -0.375 / s, -0.375 / s], [0.625 / s, 0.0, 0.0]])
+    # gamma = 0.5: row 0: 0.5 + 0.5 * (0 + 0.5 * 1) = 0.75, 0.5, 1; row 1: 2 -> mean 4.25 / 4 = 1.0625
+    # deviations -.3125, -.5625, -.0625, .9375 -> var 1.296875 / 4 = 0.32421875
+    s = math.sqrt(0.32421875)
+    out = call("reinforce_pp", TOKEN_REWARDS, TOKEN_MASK, gamma=0.5, eps=0.0)
+    assert_close(out, [[-0.3125 / s, -0.5625 / s, -0.0625 / s], [0.9375 / s, 0.0, 0.0]])
+
+
+def test_reinforce_pp_valid_tokens_have_zero_mean_and_unit_std():
+    rewards = torch.randn(4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    mask = (torch.arange(6)[None, :] < torch.tensor([6, 1, 3, 4])[:, None]).long()
+    out = call("reinforce_pp", rewards, mask, gamma=0.9, eps=0.0)
+    valid = out[mask.bool()]
+    assert abs(valid.mean().item()) < 1e-12
+    assert abs(valid.pow(2).mean().item() - 1.0) < 1e-12
+    assert (out[~mask.bool()] == 0).all()
+
+
+def test_estimate_passes_only_the_declared_inputs():
+    everything = {"rewards": R, "baseline": torch.tensor([1.0, 5.0], dtype=torch.float64), "lengths": None,
+                  "preferences": None, "token_rewards": TOKEN_REWARDS, "mask": TOKEN_MASK, "values": None}
+    # grpo declares only rewards: the extra inputs (some None) are ignored; options are passed on
+    assert_close(estimate("grpo", everything, eps=0.0), call("grpo", R, eps=0.0))
+    # remax receives its keyword-only baseline from the inputs
+    assert estimate("remax", everything).tolist() == [[0.0, -1.0, -1.0, 0.0], [-3.0, -1.0, 1.0, 3.0]]
+    # token estimators get token_rewards and mask positionally
+    assert_close(estimate("reinforce_pp", everything, gamma=0.5, eps=0.0),
+                 call("reinforce_pp", TOKEN_REWARDS, TOKEN_MASK, gamma=0.5, eps=0.0))
+    values = torch.tensor([[0.2, 0.4, 0.6], [0.1, 7.0, 7.0]], dtype=torch.float64)
+    advantages, returns = estimate("gae", {**everything, "values": values}, gamma=0.9, lam=0.5)
+    expected = call("gae", TOKEN_REWARDS, values, TOKEN_MASK, gamma=0.9, lam=0.5)
+    assert_close(advantages, expected[0])
+    assert_close(returns, expected[1])
+
+
+def test_estimate_names_a_missing_input():
+    with pytest.raises(ValueError, match="baseline"):
+        estimate("remax", {"rewards": R})
+    with pytest.raises(ValueError, match="baseline"):
+        estimate("remax", {"rewards": R, "baseline": None})   # None counts as not provided
+    with pytest.raises(ValueError, match="values"):
+        estimate("gae", {"token_rewards": TOKEN_REWARDS, "mask": TOKEN_MASK})
+    with pytest.raises(KeyError, match="unknown advantage estimator"):
+        estimate("no_such_estimator", {"rewards": R})
+    with pytest.raises(TypeError, match="takes no option"):
+        estimate("grpo", {"rewards": R}, gamma=0.5)
+
+
+def test_every_estimator_declares_inputs_it_takes_and_a_known_output():
+    for entry in ADVANTAGES:
+        parameters = inspect.signature(entry.fn).parameters
+        assert entry.meta["inputs"], entry.name
+        assert set(entry.meta["inputs"]) <= set(parameters), entry.name
+        assert entry.meta["output"] in OUTPUTS, entry.name
