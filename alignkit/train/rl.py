@@ -113,7 +113,7 @@ _recipe("remax", {"rl": {"advantage": "remax"}},
         summary="the greedy completion's reward as the baseline", paper="Li et al. 2023, arXiv 2310.10505")
 _recipe("ppo", _PPO, summary="GAE with a critic, clipped value loss, k1 KL in the reward",
         paper="Ouyang et al. 2022, arXiv 2203.02155")
-_recipe("self-rewarding-ppo", {**_PPO, "reward": "srppo", "sft": {"epochs": 3, "lr": 1e-3, "batch_size": 16}},
+_recipe("self-rewarding-ppo", {**_PPO, "reward": "srppo", "sft": {"epochs": 1, "lr": 3e-3, "batch_size": 32}},
         summary="SFT, then PPO on log pi_SFT - log pi_base at EOS (demonstrations only)",
         paper="Zhang et al. 2025, arXiv 2510.21090")
 _recipe("pairwise-rlhf", {"rl": {"advantage": "pairwise", "preference_signal": "sign", "kl_coef": 1e-4,
