@@ -2,25 +2,50 @@
 
     python benchmarks/grpo_vs_trl.py --steps 30 --group-size 8 --prompts-per-step 8 --max-completion-length 8
 
-Both tools start from the same weights: a Llama-style model of about 4.2M parameters with a 32k
-vocabulary, given one short SFT pass on the arithmetic task (single-digit sums) so that the
-verifier reward is neither always 0 nor always 1. Both then run GRPO with the same prompts (the
-same plain text, BOS first), the same reward function (1 for the exact sum), group size, prompts
-per step, max completion length, sampling (temperature 1, no top-k/top-p), steps, learning rate
-(constant), AdamW, gradient clipping at 1, beta 0 (no reference model), one update per generation
-batch, per-sequence token-mean loss (TRL loss_type "grpo", alignkit seq-mean-token-mean), group
-std scaling, fp32 and no gradient checkpointing.
+Both tools train the same Llama-style model (about 4.2M parameters, 32k vocabulary; the character
+tokenizer padded to 32k tokens, so the LM head is the expensive part) from the same weights: the
+random model after a short alignkit SFT on the built-in arithmetic task (single-digit sums), done
+once and saved, so the verifier reward starts neither at 0 nor at 1. Then GRPO, in each tool:
 
-Each tool runs in its own fresh subprocess. Measured per run:
-  completions/s  steps x prompts x G divided by the wall time of training (model loading, imports
-                 and data preparation outside; alignkit's final checkpoint inside)
-  phases         alignkit: its own per-step phase times; TRL: time inside
-                 `_generate_and_score_completions` (generation + reward) and the rest (update)
-  peak RSS       ru_maxrss of the process
-  reward         mean training reward over the first and the last 10 steps, and greedy accuracy after
-                 training on fresh prompts of the training operand pairs (both tools scored by the
-                 same code). At this size the model memorises pairs and answers none of the task's
-                 held-out pairs, so the held-out split would say nothing.
+  prompts      the task's training prompts ("3+4="), steps x prompts-per-step of them, the same list
+               for both; the same tokens for both: BOS + prompt (alignkit's plain template; TRL gets
+               the string with BOS written in and no chat template; checked at start-up)
+  reward       1 for the exact sum, else 0 (ArithmeticTask.gold_reward on the decoded completion)
+  sampling     G completions per prompt, temperature 1, no top-k / top-p, at most
+               --max-completion-length tokens, EOS ends a completion
+  update       one AdamW step per generation batch (TRL num_iterations=1, steps_per_generation=1;
+               alignkit ppo_epochs=1, mini_batches=1; TRL keeps its default fused AdamW kernel,
+               alignkit uses torch.optim.AdamW), clipped surrogate (eps 0.2), beta 0 (no reference
+               model), group std scaling (eps 1e-4), per-sequence token mean then mean over sequences
+               (TRL loss_type "grpo", alignkit "seq-mean-token-mean"), constant lr, no warmup or weight
+               decay, gradient clipping at 1, fp32 (TRL bf16=False), no activation / gradient
+               checkpointing (TRL's default is on), no saving, logging or eval inside the loop
+               (alignkit writes its metrics line per step and one final checkpoint)
+
+Each run is a fresh subprocess with the same imports (torch, transformers, datasets, trl, alignkit),
+the same torch thread count and seed. Measured per run:
+  completions/s  steps x prompts x G over the training loop's wall time: alignkit from the start
+                 of its first step to the end of its last, TRL from on_train_begin to the last
+                 on_step_end (data loader included). Model loading, imports, building the trainer
+                 and alignkit's final checkpoint are outside; `setup+save s` shows them.
+  phases         alignkit: its own per-step phase times (metrics.jsonl). TRL: timers wrapped
+                 around its methods (timing only): generate = _generate_single_turn (model.generate),
+                 score = _calculate_rewards, prepare = the rest of _generate_and_score_completions
+                 (tokenize, pad, advantages), update = the step minus _prepare_inputs (forward,
+                 backward, clipping, AdamW, scheduler). other = loop minus the phases.
+  peak RSS       ru_maxrss of the child; RSS before training shown as well (same imports, same model)
+  reward         mean training reward over the first and the last 10 steps (each tool's own samples;
+                 the verdict compares the last 10, within two binomial standard errors), and held-out
+                 accuracy after training, greedy and sampled (temperature 1, 32 samples of each of
+                 the task's held-out operand pairs), scored by the same code for both
+  other load     cores kept busy by other processes during the run; with a shared CPU any outside
+                 load stalls every op, so such runs are flagged
+
+--repeats N runs the tools alternately N times and reports each tool's median run (by completions/s).
+Writes a markdown table to stdout and, with --out, everything as JSON. The defaults take about
+1 minute per repeat on an idle 2-core machine (TRL's run is about 45 s of it) plus 15 s of SFT.
+One thread by default: on a 2-core machine shared with other jobs a second thread stalls on any
+outside load, and it helps a model this small little (--threads 2 to measure it).
 """
 
 from __future__ import annotations
@@ -28,6 +53,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -37,218 +63,423 @@ import time
 from pathlib import Path
 
 TOOLS = ("alignkit", "trl")
-ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1",
-       "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true"}
+ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TQDM_DISABLE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_DISABLED": "true",
+}
+TARGET_SPEEDUP = 2.0
+MAX_OTHER_LOAD = 0.2  # cores kept busy by other processes before a run counts as disturbed
 MODEL_SIZE = {"vocab_size": 32000, "hidden_size": 64, "intermediate_size": 256, "num_layers": 2}
 TASK = {"max_operand": 9}
-TARGET_SPEEDUP = 2.0
+ADVANTAGE_EPS = 1e-4  # TRL's (r - mean) / (std + 1e-4); alignkit's grpo estimator takes eps as an option
+SAMPLES_PER_HELD_OUT = 32
 
 
+# ----- settings shared by both tools -----
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--group-size", type=int, default=8)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=30, help="GRPO steps (one generation batch and one update each)")
+    parser.add_argument("--group-size", type=int, default=8, help="completions per prompt (G)")
     parser.add_argument("--prompts-per-step", type=int, default=8)
-    parser.add_argument("--max-completion-length", type=int, default=8)
+    parser.add_argument("--max-completion-length", type=int, default=8, help="new tokens at most, EOS included")
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--sft-steps", type=int, default=120)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=1, help="runs per tool, alternating; the median is kept")
-    parser.add_argument("--eval-prompts", type=int, default=200)
+    parser.add_argument("--sft-steps", type=int, default=250, help="alignkit SFT steps (batch 32) before GRPO")
+    parser.add_argument("--sft-lr", type=float, default=3e-3)
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in every run")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", help="write every run and the summary as JSON")
-    parser.add_argument("--child", nargs=2, metavar=("TOOL", "SPEC"), help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the tools alternately this many times and report each one's median run")
+    parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
+    parser.add_argument("--out", type=Path, help="write the summary and every run as JSON here")
+    parser.add_argument("--workdir", type=Path,
+                        help="keep the SFT model and run folders here, and reuse a matching SFT model (default: temp)")
+    parser.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
+    parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
-# ----- the parent: one SFT model, then each tool in a fresh process -----
-def prepare(args, workdir: Path) -> dict:
-    """Save the SFT-initialised model and tokenizer both tools start from."""
+def train_prompts(spec: dict) -> list:
+    """The prompt records both tools train on (alignkit builds the same list from its data config)."""
+    from alignkit.tasks import ArithmeticTask
+
+    return ArithmeticTask(**TASK).prompts(spec["steps"] * spec["prompts_per_step"], spec["seed"], split="train")
+
+
+def held_out_prompts() -> list[str]:
+    """Every operand pair the task holds out of training, once."""
+    from alignkit.tasks import ArithmeticTask
+
+    task = ArithmeticTask(**TASK)
+    return [f"{a}+{b}=" for a in range(task.max_operand + 1) for b in range(task.max_operand + 1)
+            if task.held_out(a, b)]
+
+
+def held_out_accuracy(model, tokenizer, max_new_tokens: int) -> dict:
+    """Greedy and sampled (temperature 1) accuracy on the held-out pairs, decoded by alignkit's generator."""
+    from alignkit.rollout import SamplingConfig, TransformersGenerator
+    from alignkit.tasks import ArithmeticTask
+
+    task, prompts = ArithmeticTask(**TASK), held_out_prompts()
+    ids = [[tokenizer.bos_token_id] + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    generator = TransformersGenerator(model, tokenizer, batch_size=256)
+    out = {}
+    for name, temperature, n in (("greedy", 0.0, 1), ("sampled", 1.0, SAMPLES_PER_HELD_OUT)):
+        completions = generator.generate([i for i in ids for _ in range(n)],
+                                         SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature),
+                                         seed=12345)
+        rewards = [task.gold_reward(p, c.text) for p, c in zip([p for p in prompts for _ in range(n)], completions,
+                                                              strict=True)]
+        out[name] = sum(rewards) / len(rewards)
+    return out
+
+
+def prepare(args: argparse.Namespace, workdir: Path) -> dict:
+    """SFT the random model once (or reuse a matching one in --workdir); return the spec every child reads."""
     from alignkit.config import build
     from alignkit.models import tiny_model, tiny_tokenizer
     from alignkit.train import RunConfig, train
 
-    model, tokenizer = tiny_model(**MODEL_SIZE, seed=args.seed), tiny_tokenizer(MODEL_SIZE["vocab_size"])
-    cfg = build(RunConfig, {"data": {"task": "arithmetic", "task_options": TASK, "task_size": 2000, "eval_size": 16},
-                            "train": {"steps": args.sft_steps, "lr": 3e-3, "batch_size": 32, "progress": False},
-                            "output_dir": str(workdir / "sft")})
-    result = train(cfg, "sft", model=model, tokenizer=tokenizer)
-    result.model.save_pretrained(workdir / "model")
-    tokenizer.save_pretrained(workdir / "model")
-    params = sum(p.numel() for p in model.parameters())
-    return {"model": str(workdir / "model"), "workdir": str(workdir), "params": params, **vars(args)}
+    key = {"model": MODEL_SIZE, "task": TASK, "sft_steps": args.sft_steps, "sft_lr": args.sft_lr, "seed": args.seed}
+    saved, stamp = workdir / "sft-model", workdir / "sft-model" / "benchmark-sft.json"
+    if stamp.exists() and json.loads(stamp.read_text())["key"] == key:
+        info = json.loads(stamp.read_text())
+        print(f"reusing the SFT model in {saved}", file=sys.stderr, flush=True)
+    else:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(f"SFT: {args.sft_steps} steps ...", file=sys.stderr, flush=True)
+        model, tokenizer = tiny_model(**MODEL_SIZE, seed=args.seed), tiny_tokenizer(MODEL_SIZE["vocab_size"])
+        cfg = build(RunConfig, {
+            "output_dir": str(workdir / "sft-runs"),
+            "data": {"task": "arithmetic", "task_options": TASK, "task_size": 32 * args.sft_steps, "eval_size": 16,
+                     "seed": args.seed, "tokenize": {"template": "plain"}},
+            "train": {"steps": args.sft_steps, "batch_size": 32, "lr": args.sft_lr, "precision": "fp32",
+                      "seed": args.seed, "progress": False}})
+        started = time.perf_counter()
+        train(cfg, "sft", model=model, tokenizer=tokenizer)
+        model.save_pretrained(saved)
+        tokenizer.save_pretrained(saved)
+        params = sum(p.numel() for p in model.parameters())
+        info = {"key": key, "sft_s": time.perf_counter() - started, "params": params,
+                "held_out": held_out_accuracy(model, tokenizer, args.max_completion_length)}
+        stamp.write_text(json.dumps(info))
+    return {
+        "model": str(saved), "workdir": str(workdir), "params": info["params"], "sft_held_out": info["held_out"],
+        "steps": args.steps, "group_size": args.group_size, "prompts_per_step": args.prompts_per_step,
+        "max_completion_length": args.max_completion_length, "lr": args.lr, "sft_steps": args.sft_steps,
+        "sft_lr": args.sft_lr, "threads": args.threads, "seed": args.seed,
+    }
 
 
-def run_child(tool: str, spec: dict) -> dict:
-    env = {**os.environ, **ENV, "OMP_NUM_THREADS": str(spec["threads"])}
-    out = subprocess.run([sys.executable, __file__, "--child", tool, json.dumps(spec)], env=env,
-                         capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"{tool} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+# ----- inside one child process -----
+def import_stack() -> None:
+    """The same imports in every child, so that their baseline RSS is the same."""
+    import datasets
+    import torch  # noqa: F401
+    import transformers
+    import trl  # noqa: F401
+
+    import alignkit.train.rl  # noqa: F401
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
 
 
-# ----- the children -----
-def prompts(spec: dict, split: str, n: int) -> list:
-    from alignkit.tasks import ArithmeticTask
-
-    """`train`: the prompts both tools train on; `fresh`: other prompts of the same (training) operand pairs."""
-    seed = spec["seed"] + (0 if split == "train" else 10_000)
-    return ArithmeticTask(**TASK).prompts(n, seed=seed, split="train")
-
-
-def greedy_accuracy(model, tokenizer, spec: dict) -> float:
-    """Greedy completions of fresh prompts (BOS + prompt), scored by the task's verifier."""
-    from alignkit.rollout import SamplingConfig, TransformersGenerator
-    from alignkit.tasks import ArithmeticTask
-
-    records = prompts(spec, "fresh", spec["eval_prompts"])
-    ids = [[tokenizer.bos_token_id] + tokenizer(r.prompt, add_special_tokens=False)["input_ids"] for r in records]
-    completions = TransformersGenerator(model, tokenizer).generate(
-        ids, SamplingConfig(max_new_tokens=spec["max_completion_length"], temperature=0.0), seed=0)
-    task = ArithmeticTask(**TASK)
-    return sum(task.gold_reward(r.prompt, c.text) for r, c in zip(records, completions, strict=True)) / len(records)
-
-
-def load(spec: dict):
+def load_model_and_tokenizer(spec: dict):
     import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.manual_seed(spec["seed"])
-    return LlamaForCausalLM.from_pretrained(spec["model"]), AutoTokenizer.from_pretrained(spec["model"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(spec["model"])
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class Clock:
+    """Seconds spent inside wrapped callables, by phase; wrapping only measures, it changes nothing."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.first: float | None = None
+        self.last: float | None = None
+
+    def wrap(self, fn, phase: str, edges: bool = False):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            if edges and self.first is None:
+                self.first = started
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                ended = time.perf_counter()
+                self.seconds[phase] = self.seconds.get(phase, 0.0) + ended - started
+                if edges:
+                    self.last = ended
+
+        return timed
+
+
+def alignkit_config(spec: dict):
+    from alignkit.train.rl import config_from
+
+    return config_from({
+        "recipe": "grpo", "output_dir": str(Path(spec["workdir"]) / "runs"), "run_name": "alignkit",
+        "data": {"task": "arithmetic", "task_options": TASK, "task_size": spec["steps"] * spec["prompts_per_step"],
+                 "eval_size": 0, "seed": spec["seed"], "tokenize": {"template": "plain"}},
+        "rollout": {"max_new_tokens": spec["max_completion_length"], "temperature": 1.0, "top_p": 1.0, "top_k": 0},
+        "rl": {"steps": spec["steps"], "prompts_per_step": spec["prompts_per_step"], "group_size": spec["group_size"],
+               "advantage": "grpo", "advantage_options": {"eps": ADVANTAGE_EPS},
+               "aggregation": "seq-mean-token-mean", "ppo_epochs": 1, "mini_batches": 1, "clip_low": 0.2,
+               "clip_high": 0.2, "kl_coef": 0.0, "entropy_coef": 0.0, "lr": spec["lr"], "weight_decay": 0.0,
+               "schedule": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "precision": "fp32",
+               "eval_every": 0, "save_every": 0, "seed": spec["seed"], "progress": False},
+    })
 
 
 def run_alignkit(spec: dict) -> dict:
-    from alignkit.train.rl import config_from, run_rl
+    from alignkit.train import online
+    from alignkit.train.rl import run_rl
 
-    model, tokenizer = load(spec)
-    cfg = config_from({
-        "recipe": "grpo", "output_dir": str(Path(spec["workdir"]) / "alignkit"),
-        "data": {"task": "arithmetic", "task_options": TASK, "task_size": spec["steps"] * spec["prompts_per_step"],
-                 "eval_size": 0, "seed": spec["seed"]},
-        "rollout": {"max_new_tokens": spec["max_completion_length"], "temperature": 1.0},
-        "rl": {"steps": spec["steps"], "prompts_per_step": spec["prompts_per_step"], "group_size": spec["group_size"],
-               "lr": spec["lr"], "aggregation": "seq-mean-token-mean", "max_grad_norm": 1.0, "progress": False,
-               "seed": spec["seed"], "precision": "fp32"}})
-    started = time.perf_counter()
+    model, tokenizer = load_model_and_tokenizer(spec)
+    cfg, clock = alignkit_config(spec), Clock()
+    online.OnlineTrainer.train_step = clock.wrap(online.OnlineTrainer.train_step, "step", edges=True)
+    start_rss, started = rss_mib(), time.perf_counter()
     result = run_rl(cfg, model=model, tokenizer=tokenizer)
-    seconds = time.perf_counter() - started
+    wall = time.perf_counter() - started
     rows = [r for r in result.run.metrics() if "train/time/step" in r]
-    phases = {key.removeprefix("train/time/"): sum(r.get(key, 0.0) for r in rows)
-              for key in ("train/time/generate", "train/time/score", "train/time/reference", "train/time/advantage",
-                          "train/time/update", "train/time/sync")}
-    rewards = [r["train/reward/mean"] for r in rows]
-    return {"seconds": seconds, "phases": phases, "rewards": rewards,
-            "greedy_accuracy": greedy_accuracy(model, tokenizer, spec)}
+    if len(rows) != spec["steps"] or any(r.get("train/groups") != spec["prompts_per_step"] for r in rows):
+        raise RuntimeError("alignkit did not run every step with every group")
+    phases = {p: sum(r.get(f"train/time/{p}", 0.0) for r in rows)
+              for p in ("generate", "score", "reference", "advantage", "update", "sync")}
+    loop = clock.last - clock.first
+    phases["other"] = loop - sum(phases.values())
+    n = spec["prompts_per_step"] * spec["group_size"]
+    return {"loop_s": loop, "wall_s": wall, "start_rss_mib": start_rss, "phases": phases,
+            "rewards": [r["train/reward/mean"] for r in rows],
+            "completion_tokens": sum(r["train/response_length/mean"] * n for r in rows),
+            "held_out": held_out_accuracy(result.trainer.policy, tokenizer, spec["max_completion_length"])}
+
+
+def trl_config(spec: dict):
+    from trl import GRPOConfig
+
+    n = spec["prompts_per_step"] * spec["group_size"]
+    return GRPOConfig(
+        output_dir=str(Path(spec["workdir"]) / "runs" / "trl"), report_to="none", use_cpu=True,
+        bf16=False, fp16=False, activation_checkpointing=False, gradient_checkpointing=False,  # TRL: bf16, ckpt on
+        max_steps=spec["steps"], per_device_train_batch_size=n, gradient_accumulation_steps=1,
+        steps_per_generation=1, num_generations=spec["group_size"], num_iterations=1,
+        max_completion_length=spec["max_completion_length"], temperature=1.0, top_p=1.0, top_k=0, min_p=None,
+        repetition_penalty=1.0, beta=0.0, loss_type="grpo", scale_rewards="group", epsilon=0.2,
+        mask_truncated_completions=False, learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, optim="adamw_torch_fused", max_grad_norm=1.0,  # TRL's default AdamW kernel
+        use_vllm=False, log_completions=False, eval_strategy="no", save_strategy="no", logging_strategy="no",
+        disable_tqdm=True, dataloader_num_workers=0, seed=spec["seed"], data_seed=spec["seed"],
+    )
+
+
+def step_clock():
+    """A TrainerCallback that marks when the step loop ran and how long each step took."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.begin, self.end, self.step_s, self._step = None, None, 0.0, None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.begin = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._step = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.end = time.perf_counter()
+            self.step_s += self.end - self._step
+
+    return StepClock()
 
 
 def run_trl(spec: dict) -> dict:
     from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
+    from transformers import PrinterCallback
+    from trl import GRPOTrainer
 
+    from alignkit.data.tokenize import Encoder, TokenizeConfig
     from alignkit.tasks import ArithmeticTask
 
-    model, tokenizer = load(spec)
-    task = ArithmeticTask(**TASK)
-    records = prompts(spec, "train", spec["steps"] * spec["prompts_per_step"])
-    # TRL tokenizes string prompts without special tokens: BOS is written in, as alignkit's plain template does
-    data = Dataset.from_list([{"prompt": tokenizer.bos_token + r.prompt} for r in records])
+    model, tokenizer = load_model_and_tokenizer(spec)
+    task, records = ArithmeticTask(**TASK), train_prompts(spec)
+    # TRL tokenizes a string prompt as it is (no chat template, no special tokens added by this tokenizer):
+    # BOS is written in, which gives the tokens of alignkit's plain template.
+    rows = [{"prompt": tokenizer.bos_token + r.prompt} for r in records]
+    encoder = Encoder(tokenizer, TokenizeConfig(template="plain"))
+    if tokenizer(text=[rows[0]["prompt"]])["input_ids"][0] != encoder.encode(records[0].prompt).prompt:
+        raise RuntimeError("TRL and alignkit would see different prompt tokens")
+    rewards, lengths = [], []
 
-    def exact_sum(prompts, completions, **_):
-        return [task.gold_reward(p.removeprefix(tokenizer.bos_token), c)
-                for p, c in zip(prompts, completions, strict=True)]
+    def exact_sum(prompts, completions, completion_ids, **_):
+        out = [task.gold_reward(p.removeprefix(tokenizer.bos_token), c) for p, c in zip(prompts, completions,
+                                                                                        strict=True)]
+        rewards.append(sum(out) / len(out))
+        lengths.extend(len(ids) for ids in completion_ids)
+        return out
 
-    n = spec["prompts_per_step"] * spec["group_size"]
-    config = GRPOConfig(
-        output_dir=str(Path(spec["workdir"]) / "trl"), max_steps=spec["steps"], per_device_train_batch_size=n,
-        gradient_accumulation_steps=1, steps_per_generation=1, num_generations=spec["group_size"],
-        num_iterations=1, max_completion_length=spec["max_completion_length"], temperature=1.0, top_k=0, top_p=1.0,
-        beta=0.0, loss_type="grpo", scale_rewards="group", learning_rate=spec["lr"], lr_scheduler_type="constant",
-        warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch", weight_decay=0.0, bf16=False, fp16=False,
-        gradient_checkpointing=False, use_cpu=True, logging_steps=1, report_to="none", save_strategy="no",
-        seed=spec["seed"], dataloader_num_workers=0, disable_tqdm=True, use_vllm=False)
-    trainer = GRPOTrainer(model=model, reward_funcs=[exact_sum], args=config, train_dataset=data,
-                          processing_class=tokenizer)
-    generate, spent = trainer._generate_and_score_completions, [0.0]
-
-    def timed(*args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return generate(*args, **kwargs)
-        finally:
-            spent[0] += time.perf_counter() - started
-
-    trainer._generate_and_score_completions = timed
-    started = time.perf_counter()
+    clock, steps = Clock(), step_clock()
+    start_rss, started = rss_mib(), time.perf_counter()
+    trainer = GRPOTrainer(model=model, reward_funcs=[exact_sum], args=trl_config(spec),
+                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[steps])
+    trainer.remove_callback(PrinterCallback)
+    if getattr(trainer.model, "is_gradient_checkpointing", False):
+        raise RuntimeError("TRL turned gradient checkpointing on")
+    for name, phase in (("_generate_single_turn", "generate"), ("_calculate_rewards", "score"),
+                        ("_generate_and_score_completions", "collect"), ("_prepare_inputs", "inputs")):
+        setattr(trainer, name, clock.wrap(getattr(trainer, name), phase))
     trainer.train()
-    seconds = time.perf_counter() - started
-    rewards = [row["reward"] for row in trainer.state.log_history if "reward" in row]
-    return {"seconds": seconds, "phases": {"generate+score": spent[0], "update and rest": seconds - spent[0]},
-            "rewards": rewards, "greedy_accuracy": greedy_accuracy(trainer.model, tokenizer, spec)}
+    wall = time.perf_counter() - started
+    if len(rewards) != spec["steps"]:
+        raise RuntimeError(f"TRL scored {len(rewards)} batches, expected {spec['steps']}")
+    s = clock.seconds
+    loop = steps.end - steps.begin
+    phases = {"generate": s["generate"], "score": s["score"],
+              "prepare": s["collect"] - s["generate"] - s["score"], "update": steps.step_s - s["inputs"]}
+    phases["other"] = loop - sum(phases.values())
+    return {"loop_s": loop, "wall_s": wall, "start_rss_mib": start_rss, "phases": phases, "rewards": rewards,
+            "completion_tokens": sum(lengths),
+            "held_out": held_out_accuracy(trainer.model, tokenizer, spec["max_completion_length"])}
 
 
-def child(tool: str, spec: dict) -> None:
+def child_main(tool: str, spec_path: Path) -> None:
+    spec = json.loads(spec_path.read_text())
+    os.environ["HF_DATASETS_CACHE"] = str(Path(spec["workdir"]) / f"hf-cache-{tool}")
+    import_stack()
     import torch
 
     torch.set_num_threads(spec["threads"])
-    result = {"alignkit": run_alignkit, "trl": run_trl}[tool](spec)
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result["completions_per_s"] = spec["steps"] * spec["prompts_per_step"] * spec["group_size"] / result["seconds"]
-    print(json.dumps(result))
+    torch.manual_seed(spec["seed"])
+    random.seed(spec["seed"])
+    out = run_alignkit(spec) if tool == "alignkit" else run_trl(spec)
+    out.update(tool=tool, peak_rss_mib=rss_mib(), threads=torch.get_num_threads())
+    (Path(spec["workdir"]) / f"{tool}.json").write_text(json.dumps(out))
 
 
-# ----- report -----
-def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
-    out = {}
-    for tool, results in runs.items():
-        best = sorted(results, key=lambda r: r["completions_per_s"])[len(results) // 2]
-        last = best["rewards"][-10:]
-        first = best["rewards"][:10]
-        out[tool] = {**best, "reward_first10": statistics.mean(first) if first else float("nan"),
-                     "reward_last10": statistics.mean(last) if last else float("nan")}
-    return out
+# ----- the parent: one subprocess per run, then the table -----
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy (steal included), over all cores."""
+    import psutil
+
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
-def table(summary: dict[str, dict], spec: dict) -> str:
-    base = summary["trl"]["completions_per_s"]
-    lines = [f"model: {spec['params'] / 1e6:.1f}M parameters, vocab {MODEL_SIZE['vocab_size']}; "
-             f"{spec['steps']} steps of {spec['prompts_per_step']} prompts x G={spec['group_size']}, "
-             f"max {spec['max_completion_length']} tokens, {spec['threads']} thread(s)", "",
-             "| tool | completions/s | speed-up vs TRL | peak RSS (MiB) | reward, first / last 10 steps "
-             "| greedy accuracy after |", "|---|---|---|---|---|---|"]
-    for tool in TOOLS:
-        row = summary[tool]
-        lines.append(f"| {tool} | {row['completions_per_s']:.1f} | {row['completions_per_s'] / base:.2f}x | "
-                     f"{row['peak_rss_mib']:.0f} | {row['reward_first10']:.3f} / {row['reward_last10']:.3f} | "
-                     f"{row['greedy_accuracy']:.3f} |")
-    lines.append("")
-    for tool in TOOLS:
-        phases = ", ".join(f"{k} {v:.1f}s" for k, v in summary[tool]["phases"].items())
-        lines.append(f"{tool} phases (total {summary[tool]['seconds']:.1f}s): {phases}")
-    ratio = summary["alignkit"]["completions_per_s"] / base
-    lines.append(f"\ntarget: >= {TARGET_SPEEDUP}x TRL's throughput at no worse reward -> "
-                 f"{'met' if ratio >= TARGET_SPEEDUP else 'NOT met'} ({ratio:.2f}x)")
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def launch(tool: str, spec_path: Path, spec: dict) -> dict:
+    """Run one tool in a fresh process; also measure how busy other processes kept the CPU meanwhile."""
+    env = {**os.environ, **ENV, "OMP_NUM_THREADS": str(spec["threads"])}
+    cmd = [sys.executable, __file__, "--child", tool, "--spec", str(spec_path)]
+    busy, ours, started = busy_cpu_s(), children_cpu_s(), time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise RuntimeError(f"{tool} run failed with exit code {proc.returncode}")
+    foreign = (busy_cpu_s() - busy) - (children_cpu_s() - ours)
+    row = json.loads((Path(spec["workdir"]) / f"{tool}.json").read_text())
+    completions = spec["steps"] * spec["prompts_per_step"] * spec["group_size"]
+    row["completions_per_s"] = completions / row["loop_s"]
+    row["reward_first10"] = statistics.mean(row["rewards"][:10])
+    row["reward_last10"] = statistics.mean(row["rewards"][-10:])
+    row["samples_last10"] = len(row["rewards"][-10:]) * spec["prompts_per_step"] * spec["group_size"]
+    row["mean_completion_tokens"] = row["completion_tokens"] / completions
+    row["other_load"] = max(0.0, foreign) / (time.perf_counter() - started)  # cores used by others
+    return row
+
+
+def median_run(runs: list[dict], tool: str) -> dict:
+    mine = sorted((r for r in runs if r["tool"] == tool), key=lambda r: r["completions_per_s"])
+    return mine[(len(mine) - 1) // 2]
+
+
+def table(rows: list[dict], spec: dict, repeats: int) -> str:
+    base = next((r for r in rows if r["tool"] == "trl"), None)
+    sft = spec["sft_held_out"]
+    lines = [f"model {spec['params'] / 1e6:.2f}M params, vocab {MODEL_SIZE['vocab_size']}; "
+             f"{spec['steps']} steps x {spec['prompts_per_step']} prompts x G={spec['group_size']}, "
+             f"max {spec['max_completion_length']} new tokens, lr {spec['lr']}, fp32, {spec['threads']} thread(s); "
+             f"median of {repeats} run(s) per tool", f"SFT start: held-out greedy {sft['greedy']:.3f}, "
+             f"sampled {sft['sampled']:.3f}", "",
+             "| tool | completions/s | vs TRL | loop s | setup+save s | peak RSS MiB | RSS before MiB "
+             "| reward, first / last 10 steps | held-out greedy | held-out sampled | tokens/completion | other load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['completions_per_s'] / base['completions_per_s']:.2f}x" if base else "-"
+        lines.append(f"| {r['tool']} | {r['completions_per_s']:.1f} | {ratio} | {r['loop_s']:.1f} "
+                     f"| {r['wall_s'] - r['loop_s']:.1f} | {r['peak_rss_mib']:.0f} | {r['start_rss_mib']:.0f} "
+                     f"| {r['reward_first10']:.3f} / {r['reward_last10']:.3f} "
+                     f"| {r['held_out']['greedy']:.3f} | {r['held_out']['sampled']:.3f} "
+                     f"| {r['mean_completion_tokens']:.2f} | {r['other_load']:.2f} |")
+    lines += ["", "Seconds per phase over the whole loop (share of the loop):", ""]
+    for r in rows:
+        parts = ", ".join(f"{k} {v:.2f} ({v / r['loop_s']:.0%})" for k, v in r["phases"].items())
+        lines.append(f"- {r['tool']}: {parts}")
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def verdicts(rows: list[dict]) -> list[str]:
+    by_tool = {r["tool"]: r for r in rows}
+    out = []
+    if {"alignkit", "trl"} <= by_tool.keys():
+        ak, trl = by_tool["alignkit"], by_tool["trl"]
+        speedup = ak["completions_per_s"] / trl["completions_per_s"]
+        # binomial standard errors of the two reward means (10 steps x prompts x G samples each)
+        se = sum(r["reward_last10"] * (1 - r["reward_last10"]) / r["samples_last10"] for r in (ak, trl)) ** 0.5
+        no_worse = ak["reward_last10"] >= trl["reward_last10"] - 2 * se
+        met = speedup >= TARGET_SPEEDUP and no_worse
+        out.append(f"alignkit/TRL: {speedup:.2f}x the completions/s, reward {ak['reward_last10']:.3f} vs "
+                   f"{trl['reward_last10']:.3f} (2 s.e. of the difference: {2 * se:.3f}), peak RSS "
+                   f"{ak['peak_rss_mib'] / trl['peak_rss_mib']:.2f}x: target (>= {TARGET_SPEEDUP}x at no worse "
+                   f"reward) {'met' if met else 'NOT met'}")
+    busy = [r["tool"] for r in rows if r["other_load"] > MAX_OTHER_LOAD]
+    if busy:
+        out.append(f"warning: other processes kept {MAX_OTHER_LOAD}+ cores busy during {', '.join(busy)}; "
+                   "timings are disturbed: rerun on an idle machine")
+    return out
+
+
+def main(argv=None) -> None:
     args = parse_args(argv)
     if args.child:
-        child(args.child[0], json.loads(args.child[1]))
-        return 0
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = prepare(args, Path(tmp))
-        spec.pop("child"), spec.pop("out")
-        runs = {tool: [] for tool in TOOLS}
-        for _ in range(args.repeats):
-            for tool in TOOLS:
-                runs[tool].append(run_child(tool, spec))
-        summary = summarise(runs)
-        print(table(summary, spec))
-        if args.out:
-            Path(args.out).write_text(json.dumps({"spec": spec, "summary": summary, "runs": runs}, indent=2))
-    return 0
+        child_main(args.child, args.spec)
+        return
+    os.environ.update(ENV)
+    with tempfile.TemporaryDirectory(prefix="grpo_vs_trl-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        spec = prepare(args, workdir)
+        spec_path = workdir / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        runs = []
+        for repeat in range(args.repeats):
+            for tool in args.tools:
+                print(f"[{repeat + 1}/{args.repeats}] running {tool} ...", file=sys.stderr, flush=True)
+                runs.append({**launch(tool, spec_path, spec), "repeat": repeat})
+    rows = [median_run(runs, tool) for tool in args.tools]
+    print(table(rows, spec, args.repeats))
+    notes = verdicts(rows)
+    print("\n" + "\n".join(notes))
+    if args.out:
+        report = {"settings": {**spec, "repeats": args.repeats}, "rows": rows, "verdicts": notes, "all_runs": runs}
+        args.out.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
