@@ -40,23 +40,16 @@ import json
 import math
 import os
 import random
-import resource
 import string
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import isolated
+from isolated import ENV, rss_mib
+
 TOOLS = ("alignkit", "trl-default", "trl-precompute")
-ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TQDM_DISABLE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "WANDB_DISABLED": "true",
-}
 TARGET_SPEEDUP = 1.5
 MAX_OTHER_LOAD = 0.2  # cores kept busy by other processes before a run counts as disturbed
 MODEL_SIZE = {"vocab_size": 32000, "hidden_size": 64, "intermediate_size": 256, "num_layers": 2}
@@ -158,8 +151,6 @@ def read_records(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def alignkit_config(spec: dict):
@@ -282,32 +273,14 @@ def child_main(tool: str, spec_path: Path) -> None:
 
 
 # ----- the parent: one subprocess per tool, then the table -----
-def busy_cpu_s() -> float:
-    """CPU seconds the whole machine has spent busy (steal included), over all cores."""
-    import psutil
-
-    times = psutil.cpu_times()
-    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
-def children_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def launch(tool: str, spec_path: Path, workdir: Path) -> dict:
-    """Run one tool in a fresh process; also measure how busy other processes kept the CPU meanwhile."""
-    env = {**os.environ, **ENV, "OMP_NUM_THREADS": str(json.loads(spec_path.read_text())["threads"])}
-    cmd = [sys.executable, __file__, "--child", tool, "--spec", str(spec_path)]
-    busy, ours, started = busy_cpu_s(), children_cpu_s(), time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise RuntimeError(f"{tool} run failed with exit code {proc.returncode}")
-    foreign = (busy_cpu_s() - busy) - (children_cpu_s() - ours)
-    row = json.loads((workdir / f"{tool}.json").read_text())
+    threads = json.loads(spec_path.read_text())["threads"]
+    row = isolated.launch(__file__, tool, spec_path, threads, workdir / f"{tool}.json")
     row["tokens_per_s"] = row["tokens"] / row["wall_s"]
-    row["other_load"] = max(0.0, foreign) / (time.perf_counter() - started)  # cores used by others
     return row
 
 

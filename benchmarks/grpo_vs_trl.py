@@ -54,23 +54,16 @@ import argparse
 import json
 import os
 import random
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import isolated
+from isolated import ENV, rss_mib
+
 TOOLS = ("alignkit", "trl")
-ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TQDM_DISABLE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "WANDB_DISABLED": "true",
-}
 TARGET_SPEEDUP = 2.0
 MAX_OTHER_LOAD = 0.2  # cores kept busy by other processes before a run counts as disturbed
 MODEL_SIZE = {"vocab_size": 32000, "hidden_size": 64, "intermediate_size": 256, "num_layers": 2}
@@ -198,8 +191,6 @@ def load_model_and_tokenizer(spec: dict):
     return model, AutoTokenizer.from_pretrained(spec["model"])
 
 
-def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 class Clock:
@@ -370,37 +361,18 @@ def child_main(tool: str, spec_path: Path) -> None:
 
 
 # ----- the parent: one subprocess per run, then the table -----
-def busy_cpu_s() -> float:
-    """CPU seconds the whole machine has spent busy (steal included), over all cores."""
-    import psutil
-
-    times = psutil.cpu_times()
-    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
-def children_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def launch(tool: str, spec_path: Path, spec: dict) -> dict:
-    """Run one tool in a fresh process; also measure how busy other processes kept the CPU meanwhile."""
-    env = {**os.environ, **ENV, "OMP_NUM_THREADS": str(spec["threads"])}
-    cmd = [sys.executable, __file__, "--child", tool, "--spec", str(spec_path)]
-    busy, ours, started = busy_cpu_s(), children_cpu_s(), time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-        raise RuntimeError(f"{tool} run failed with exit code {proc.returncode}")
-    foreign = (busy_cpu_s() - busy) - (children_cpu_s() - ours)
-    row = json.loads((Path(spec["workdir"]) / f"{tool}.json").read_text())
+    row = isolated.launch(__file__, tool, spec_path, spec["threads"], Path(spec["workdir"]) / f"{tool}.json")
     completions = spec["steps"] * spec["prompts_per_step"] * spec["group_size"]
     row["completions_per_s"] = completions / row["loop_s"]
     row["reward_first10"] = statistics.mean(row["rewards"][:10])
     row["reward_last10"] = statistics.mean(row["rewards"][-10:])
     row["samples_last10"] = len(row["rewards"][-10:]) * spec["prompts_per_step"] * spec["group_size"]
     row["mean_completion_tokens"] = row["completion_tokens"] / completions
-    row["other_load"] = max(0.0, foreign) / (time.perf_counter() - started)  # cores used by others
     return row
 
 

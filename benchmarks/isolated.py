@@ -1,0 +1,56 @@
+"""Running one tool of a side-by-side benchmark in a fresh process, and what the machine did meanwhile."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TQDM_DISABLE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_DISABLED": "true",
+}
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy (steal included), over all cores."""
+    import psutil
+
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def launch(script: str, tool: str, spec_path: Path, threads: int, result_path: Path) -> dict:
+    """Run `script --child TOOL --spec SPEC` in a fresh process and read the JSON row it writes.
+
+    Adds `other_load`: the cores that other processes kept busy meanwhile (any outside load stalls
+    every parallel op on a small shared machine, so such runs are worth flagging).
+    """
+    env = {**os.environ, **ENV, "OMP_NUM_THREADS": str(threads)}
+    cmd = [sys.executable, script, "--child", tool, "--spec", str(spec_path)]
+    busy, ours, started = busy_cpu_s(), children_cpu_s(), time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise RuntimeError(f"{tool} run failed with exit code {proc.returncode}")
+    foreign = (busy_cpu_s() - busy) - (children_cpu_s() - ours)
+    row = json.loads(result_path.read_text())
+    row["other_load"] = max(0.0, foreign) / (time.perf_counter() - started)
+    return row
