@@ -259,17 +259,10 @@ def run_trl(spec: dict, precompute: bool) -> dict:
 
 
 def child_main(tool: str, spec_path: Path) -> None:
-    spec = json.loads(spec_path.read_text())
-    os.environ["HF_DATASETS_CACHE"] = str(Path(spec["workdir"]) / f"hf-cache-{tool}")
-    import_stack()
-    import torch
+    def run(spec: dict) -> dict:
+        return run_alignkit(spec) if tool == "alignkit" else run_trl(spec, precompute=tool == "trl-precompute")
 
-    torch.set_num_threads(spec["threads"])
-    torch.manual_seed(spec["seed"])
-    random.seed(spec["seed"])
-    out = run_alignkit(spec) if tool == "alignkit" else run_trl(spec, precompute=tool == "trl-precompute")
-    out.update(tool=tool, peak_rss_mib=rss_mib(), threads=torch.get_num_threads())
-    (Path(spec["workdir"]) / f"{tool}.json").write_text(json.dumps(out))
+    isolated.child(tool, spec_path, import_stack, run)
 
 
 # ----- the parent: one subprocess per tool, then the table -----

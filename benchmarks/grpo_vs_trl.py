@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -347,17 +346,8 @@ def run_trl(spec: dict) -> dict:
 
 
 def child_main(tool: str, spec_path: Path) -> None:
-    spec = json.loads(spec_path.read_text())
-    os.environ["HF_DATASETS_CACHE"] = str(Path(spec["workdir"]) / f"hf-cache-{tool}")
-    import_stack()
-    import torch
-
-    torch.set_num_threads(spec["threads"])
-    torch.manual_seed(spec["seed"])
-    random.seed(spec["seed"])
-    out = run_alignkit(spec) if tool == "alignkit" else run_trl(spec)
-    out.update(tool=tool, peak_rss_mib=rss_mib(), threads=torch.get_num_threads())
-    (Path(spec["workdir"]) / f"{tool}.json").write_text(json.dumps(out))
+    isolated.child(tool, spec_path, import_stack,
+                   lambda spec: run_alignkit(spec) if tool == "alignkit" else run_trl(spec))
 
 
 # ----- the parent: one subprocess per run, then the table -----

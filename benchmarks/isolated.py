@@ -54,3 +54,21 @@ def launch(script: str, tool: str, spec_path: Path, threads: int, result_path: P
     row = json.loads(result_path.read_text())
     row["other_load"] = max(0.0, foreign) / (time.perf_counter() - started)
     return row
+
+
+def child(tool: str, spec_path: Path, import_stack, run) -> None:
+    """The child side of `launch`: imports, threads and seeds as the spec says, then `run(spec)`, whose
+    row is written with the peak RSS where `launch` reads it."""
+    import random
+
+    spec = json.loads(spec_path.read_text())
+    os.environ["HF_DATASETS_CACHE"] = str(Path(spec["workdir"]) / f"hf-cache-{tool}")
+    import_stack()
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(spec["seed"])
+    random.seed(spec["seed"])
+    out = run(spec)
+    out.update(tool=tool, peak_rss_mib=rss_mib(), threads=torch.get_num_threads())
+    (Path(spec["workdir"]) / f"{tool}.json").write_text(json.dumps(out))
