@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import random
 import time
@@ -246,11 +247,15 @@ class OnlineTrainer:
             self.cursor += len(take)
         return out
 
-    def _generate(self, prompts: list[list[int]], sampling: SamplingConfig, salt: int) -> list[Completion]:
+    def _seed(self, salt: int) -> int:
+        """The sampling seed of this step: a function of (seed, step), so a resumed run samples the same."""
+        return self.cfg.seed * 7919 + self.step * 131 + salt
+
+    def _generate(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int) -> list[Completion]:
         was_training = self.policy.training
         self.policy.eval()
         try:
-            return self.generator.generate(prompts, sampling, seed=self.cfg.seed * 7919 + self.step * 131 + salt)
+            return self.generator.generate(prompts, sampling, seed=seed)
         finally:
             self.policy.train(was_training)
 
@@ -291,7 +296,7 @@ class OnlineTrainer:
             records = [self.records[i] for i in ids for _ in range(g)]
             with timer("generate"):
                 completions = self._generate([self.prompts[i].prompt for i in ids for _ in range(g)],
-                                             self.sampling, salt=rounds)
+                                             self.sampling, self._seed(rounds))
             with timer("score"):
                 signal = (self._judge(records, completions, g) if "preferences" in self.wants
                           else self._score(records, completions).view(-1, g))
@@ -357,9 +362,9 @@ class OnlineTrainer:
     def _baseline(self, exp: Experience) -> Tensor:
         """ReMax: the reward of the policy's greedy completion of each prompt."""
         g = self.cfg.group_size
-        greedy = SamplingConfig(**{**vars(self.sampling), "temperature": 0.0})
+        greedy = dataclasses.replace(self.sampling, temperature=0.0)
         records = exp.records[::g]
-        completions = self._generate([c.prompt_ids for c in exp.completions[::g]], greedy, salt=9999)
+        completions = self._generate([c.prompt_ids for c in exp.completions[::g]], greedy, self._seed(9999))
         return self._score(records, completions)
 
     def advantages(self, exp: Experience) -> None:
@@ -520,8 +525,8 @@ class OnlineTrainer:
         return out
 
     # ----- evaluation: held-out prompts, greedy and sampled, scored by the eval reward -----
-    def _eval_reward_of(self, sampling: SamplingConfig, salt: int) -> tuple[float, float]:
-        completions = self._generate([e.prompt for e in self.eval_prompts], sampling, salt=salt)
+    def _eval_reward_of(self, sampling: SamplingConfig, seed: int) -> tuple[float, float]:
+        completions = self._generate([e.prompt for e in self.eval_prompts], sampling, seed)
         scores = self.eval_reward.score([r.prompt for r in self.eval_records], [c.text for c in completions],
                                         [r.reference for r in self.eval_records])
         return float(scores.values.float().mean()), sum(len(c) for c in completions) / len(completions)
@@ -532,12 +537,8 @@ class OnlineTrainer:
         (seeded the same at every evaluation)."""
         if not self.eval_prompts or self.eval_reward is None:
             return {}
-        greedy, length = self._eval_reward_of(SamplingConfig(**{**vars(self.sampling), "temperature": 0.0}), -1)
-        step, self.step = self.step, 0
-        try:
-            sampled, _ = self._eval_reward_of(self.sampling, -2)
-        finally:
-            self.step = step
+        greedy, length = self._eval_reward_of(dataclasses.replace(self.sampling, temperature=0.0), 0)
+        sampled, _ = self._eval_reward_of(self.sampling, self.cfg.seed * 7919 - 2)
         return {"eval/reward": greedy, "eval/sampled_reward": sampled, "eval/response_length": length}
 
     # ----- checkpoints -----
