@@ -41,7 +41,6 @@ import math
 import os
 import random
 import string
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -324,13 +323,8 @@ def verdicts(rows: list[dict]) -> list[str]:
 def run_all(args: argparse.Namespace, workdir: Path) -> tuple[dict, list[dict], list[dict]]:
     """Every tool `repeats` times, round-robin; returns the spec, each tool's fastest run, all runs."""
     spec = prepare(args, workdir)
-    spec_path = workdir / "spec.json"
-    spec_path.write_text(json.dumps(spec))
-    runs = []
-    for repeat in range(args.repeats):
-        for tool in args.tools:
-            print(f"[{repeat + 1}/{args.repeats}] running {tool} ...", file=sys.stderr, flush=True)
-            runs.append({**launch(tool, spec_path, workdir), "repeat": repeat})
+    runs = isolated.round_robin(spec, workdir, args.tools, args.repeats,
+                                lambda tool, spec_path: launch(tool, spec_path, workdir))
     if len({r["tokens"] for r in runs}) != 1:
         raise RuntimeError(f"token counts differ: {[(r['tool'], r['tokens']) for r in runs]}")
     best = [max((r for r in runs if r["tool"] == t), key=lambda r: r["tokens_per_s"]) for t in args.tools]

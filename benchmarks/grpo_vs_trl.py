@@ -427,13 +427,8 @@ def main(argv=None) -> None:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         spec = prepare(args, workdir)
-        spec_path = workdir / "spec.json"
-        spec_path.write_text(json.dumps(spec))
-        runs = []
-        for repeat in range(args.repeats):
-            for tool in args.tools:
-                print(f"[{repeat + 1}/{args.repeats}] running {tool} ...", file=sys.stderr, flush=True)
-                runs.append({**launch(tool, spec_path, spec), "repeat": repeat})
+        runs = isolated.round_robin(spec, workdir, args.tools, args.repeats,
+                                    lambda tool, spec_path: launch(tool, spec_path, spec))
     rows = [median_run(runs, tool) for tool in args.tools]
     print(table(rows, spec, args.repeats))
     notes = verdicts(rows)

@@ -72,3 +72,15 @@ def child(tool: str, spec_path: Path, import_stack, run) -> None:
     out = run(spec)
     out.update(tool=tool, peak_rss_mib=rss_mib(), threads=torch.get_num_threads())
     (Path(spec["workdir"]) / f"{tool}.json").write_text(json.dumps(out))
+
+
+def round_robin(spec: dict, workdir: Path, tools, repeats: int, launch_tool) -> list[dict]:
+    """Write the spec, then run every tool `repeats` times, alternating; `launch_tool(tool, spec_path)` runs one."""
+    spec_path = workdir / "spec.json"
+    spec_path.write_text(json.dumps(spec))
+    runs = []
+    for repeat in range(repeats):
+        for tool in tools:
+            print(f"[{repeat + 1}/{repeats}] running {tool} ...", file=sys.stderr, flush=True)
+            runs.append({**launch_tool(tool, spec_path), "repeat": repeat})
+    return runs
