@@ -25,7 +25,8 @@ from alignkit.train.rl import RECIPES, config_from, run_rl
 from alignkit.train.trainer import NonFiniteError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-ARITHMETIC = {"task": "arithmetic", "task_options": {"max_operand": 9}, "task_size": 1000, "eval_size": 200}
+ARITHMETIC = {"task": "arithmetic", "task_options": {"max_operand": 9}, "task_size": 1000, "eval_size": 200,
+              "eval_split": "ood"}
 
 
 @pytest.fixture(scope="module")

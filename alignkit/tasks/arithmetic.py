@@ -2,8 +2,12 @@
 
 Prompt "17+5=" asks for the sum. The gold reward is 1 for the exact sum (surrounding spaces
 ignored) and 0 otherwise, which is also the reward an RL run is trained on. One operand pair in
-five is held out: training data never shows it and evaluation data shows nothing else, so held-out
-accuracy measures what was learnt about addition, not which answers were memorised.
+five is held out: the "train" and "eval" splits never show it and the "ood" split shows nothing
+else, so accuracy on "ood" measures what was learnt about addition, not which answers were
+memorised ("eval" draws in-distribution pairs with another seed and may repeat training pairs).
+
+The base-model corpus holds equations whose answer is the sum half of the time and a near miss
+(off by 1 to 3) otherwise; comparisons pair the sum with a near miss, labelled by the gold reward.
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from alignkit.data.records import Demonstration, PromptRecord
+from alignkit.data.records import Comparison, Demonstration, PromptRecord
+from alignkit.tasks.labels import flip_most_confident, labelled_pair
 
 
 @dataclass
 class ArithmeticTask:
     max_operand: int = 99
+    label_temperature: float = 0.0   # Bradley-Terry temperature; 0: the verifier's verdict decides
 
     def answer(self, prompt: str) -> str:
         left, right = prompt.rstrip("=").split("+")
@@ -32,9 +38,18 @@ class ArithmeticTask:
         rng, out = random.Random(seed), []
         while len(out) < n:
             left, right = rng.randint(0, self.max_operand), rng.randint(0, self.max_operand)
-            if self.held_out(left, right) == (split == "eval"):
+            if split == "corpus" or self.held_out(left, right) == (split == "ood"):
                 out.append(f"{left}+{right}=")
         return out
+
+    def _near_miss(self, prompt: str, rng: random.Random) -> str:
+        return str(int(self.answer(prompt)) + rng.choice([-3, -2, -1, 1, 2, 3]))
+
+    def corpus(self, n: int, seed: int = 0) -> list[Demonstration]:
+        """Equations over every operand pair, right half of the time, for pretraining a base model."""
+        rng = random.Random(seed + 1)
+        return [Demonstration(p, self.answer(p) if rng.random() < 0.5 else self._near_miss(p, rng), index=i,
+                              origin=f"arithmetic:{i}") for i, p in enumerate(self._prompts(n, seed, "corpus"))]
 
     def demonstrations(self, n: int, seed: int = 0, split: str = "train") -> list[Demonstration]:
         return [Demonstration(p, self.answer(p), index=i, origin=f"arithmetic:{i}")
@@ -43,3 +58,17 @@ class ArithmeticTask:
     def prompts(self, n: int, seed: int = 0, split: str = "train") -> list[PromptRecord]:
         return [PromptRecord(p, self.answer(p), index=i, origin=f"arithmetic:{i}")
                 for i, p in enumerate(self._prompts(n, seed, split))]
+
+    def comparisons(self, n: int, seed: int = 0, flip_rate: float = 0.0, split: str = "train",
+                    targeted_flip_rate: float = 0.0) -> tuple[list[Comparison], list[bool]]:
+        """(sum, near miss) pairs in random order, labelled from the verifier; see `labels.py`."""
+        rng, pairs, flipped = random.Random(seed + 2), [], []
+        for i, prompt in enumerate(self._prompts(n, seed, split)):
+            a, b = self.answer(prompt), self._near_miss(prompt, rng)
+            a, b = (a, b) if rng.random() < 0.5 else (b, a)
+            margin = self.gold_reward(prompt, a) - self.gold_reward(prompt, b)
+            pair, flip = labelled_pair(rng, prompt, a, b, margin, self.label_temperature, flip_rate,
+                                       index=i, origin=f"arithmetic:{i}")
+            pairs.append(pair)
+            flipped.append(flip)
+        return flip_most_confident(pairs, flipped, self.gold_reward, targeted_flip_rate)

@@ -3,8 +3,9 @@
 Prompt "cabd=" asks for each letter mapped through a secret permutation of the alphabet.
 The gold reward is the fraction of positions answered correctly (0 when the length is wrong).
 Rejected answers are hard negatives: the right answer with one or two letters changed.
-Every maker takes a `split` for a uniform task interface; here a different seed already draws
-prompts the training data almost never shows (over 300,000 possible prompts).
+Splits: "train" and "eval" draw 3 to 6 letters (a different seed already gives prompts training
+almost never shows: over 300,000 are possible); "ood" draws 7 or 8 letters, lengths never trained on.
+The base-model corpus maps each letter right half of the time and to a random letter otherwise.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import random
 from dataclasses import dataclass
 
 from alignkit.data.records import Comparison, Demonstration, Judgement, PromptRecord, Rating
+from alignkit.tasks.labels import flip_most_confident, labelled_pair
 
 ALPHABET = "abcdefgh"
 
@@ -22,6 +24,7 @@ class CipherTask:
     key_seed: int = 1234
     min_letters: int = 3
     max_letters: int = 6
+    label_temperature: float = 0.0   # Bradley-Terry temperature; 0: the higher gold reward always wins
 
     def __post_init__(self):
         shuffled = random.Random(self.key_seed).sample(ALPHABET, len(ALPHABET))
@@ -36,8 +39,10 @@ class CipherTask:
             return 0.0
         return sum(a == b for a, b in zip(truth, guess, strict=True)) / len(truth)
 
-    def _prompt(self, rng: random.Random) -> str:
-        n = rng.randint(self.min_letters, self.max_letters)
+    def _prompt(self, rng: random.Random, split: str = "train") -> str:
+        low, high = (self.max_letters + 1, self.max_letters + 2) if split == "ood" else (self.min_letters,
+                                                                                        self.max_letters)
+        n = rng.randint(low, high)
         return "".join(rng.choice(ALPHABET) for _ in range(n)) + "="
 
     def _corrupt(self, answer: str, rng: random.Random) -> str:
@@ -46,29 +51,40 @@ class CipherTask:
             letters[pos] = rng.choice([c for c in ALPHABET if c != letters[pos]])
         return "".join(letters)
 
+    def corpus(self, n: int, seed: int = 0) -> list[Demonstration]:
+        """Prompts with each answer letter right half of the time, for pretraining a base model."""
+        rng = random.Random(seed)
+        records = []
+        for i in range(n):
+            prompt = self._prompt(rng)
+            noisy = "".join(c if rng.random() < 0.5 else rng.choice(ALPHABET) for c in self.answer(prompt))
+            records.append(Demonstration(prompt, noisy, index=i, origin=f"cipher:{i}"))
+        return records
+
     def demonstrations(self, n: int, seed: int = 0, split: str = "train") -> list[Demonstration]:
         rng = random.Random(seed)
-        prompts = [self._prompt(rng) for _ in range(n)]
+        prompts = [self._prompt(rng, split) for _ in range(n)]
         return [Demonstration(p, self.answer(p), index=i, origin=f"cipher:{i}")
                 for i, p in enumerate(prompts)]
 
-    def comparisons(self, n: int, seed: int = 0, flip_rate: float = 0.0, split: str = "train"
-                    ) -> tuple[list[Comparison], list[bool]]:
-        """Pairs (right answer, corrupted answer); a `flip_rate` share get their labels swapped.
+    def comparisons(self, n: int, seed: int = 0, flip_rate: float = 0.0, split: str = "train",
+                    targeted_flip_rate: float = 0.0) -> tuple[list[Comparison], list[bool]]:
+        """Pairs (right answer, corrupted answer) labelled from the gold reward (`labels.py`).
 
-        Returns the pairs and, per pair, whether its label was flipped (the ground truth of noise).
+        Returns the pairs and, per pair, whether corruption flipped its label (the ground truth of noise).
         """
         rng = random.Random(seed)
         pairs, flipped = [], []
         for i in range(n):
-            prompt = self._prompt(rng)
+            prompt = self._prompt(rng, split)
             good = self.answer(prompt)
             bad = self._corrupt(good, rng)
-            flip = rng.random() < flip_rate
-            chosen, rejected = (bad, good) if flip else (good, bad)
-            pairs.append(Comparison(prompt, chosen, rejected, index=i, origin=f"cipher:{i}"))
+            margin = self.gold_reward(prompt, good) - self.gold_reward(prompt, bad)
+            pair, flip = labelled_pair(rng, prompt, good, bad, margin, self.label_temperature, flip_rate,
+                                       index=i, origin=f"cipher:{i}")
+            pairs.append(pair)
             flipped.append(flip)
-        return pairs, flipped
+        return flip_most_confident(pairs, flipped, self.gold_reward, targeted_flip_rate)
 
     def ratings(self, n: int, seed: int = 0, split: str = "train") -> list[Rating]:
         """Half right answers labelled desirable, half random letter strings labelled undesirable.
@@ -79,7 +95,7 @@ class CipherTask:
         rng = random.Random(seed)
         records = []
         for i in range(n):
-            prompt = self._prompt(rng)
+            prompt = self._prompt(rng, split)
             good = rng.random() < 0.5
             answer = self.answer(prompt)
             completion = answer if good else "".join(rng.choice(ALPHABET) for _ in answer)
@@ -89,7 +105,7 @@ class CipherTask:
     def prompts(self, n: int, seed: int = 0, split: str = "train") -> list[PromptRecord]:
         rng = random.Random(seed)
         return [PromptRecord(p, self.answer(p), index=i, origin=f"cipher:{i}")
-                for i, p in enumerate(self._prompt(rng) for _ in range(n))]
+                for i, p in enumerate(self._prompt(rng, split) for _ in range(n))]
 
     def judgement_trace(self, prompt: str, a: str, b: str) -> tuple[str, str]:
         """(reasoning, verdict) of a judge that solves the prompt, then checks each answer letter by letter.
@@ -112,7 +128,7 @@ class CipherTask:
 
     def judgements(self, n: int, seed: int = 0, split: str = "train") -> list[Judgement]:
         """Comparison pairs in random A/B order, each with the gold judge's reasoning and verdict."""
-        pairs, _ = self.comparisons(n, seed)
+        pairs, _ = self.comparisons(n, seed, split=split)
         rng = random.Random(seed + 1)
         records = []
         for pair in pairs:

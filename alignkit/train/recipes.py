@@ -36,7 +36,10 @@ class DataConfig:
     task_options: dict = field(default_factory=dict)  # e.g. {max_operand: 9}
     task_size: int = 1000
     eval_size: int = 200
-    flip_rate: float = 0.0           # built-in comparisons: share of labels swapped (noise)
+    flip_rate: float = 0.0           # built-in comparisons: share of labels swapped at random (noise)
+    targeted_flip_rate: float = 0.0  # built-in comparisons: share of most confident labels set against gold
+    eval_split: str = "eval"         # built-in task split evaluated on: "eval" (in-distribution) or "ood"
+    task_corpus: bool = False        # sft on the task's base-model corpus instead of its demonstrations
     seed: int = 0
     judge_template: str = "pairwise"  # judge-sft: the prompt template judgements are rendered with
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
@@ -105,9 +108,11 @@ def _rated_examples(records, encoder: Encoder) -> list:
 def _task_records(cfg: DataConfig, kind: str) -> tuple[list, list]:
     task = TASKS.get(cfg.task).fn(**cfg.task_options)
     makers = {
-        "demonstration": lambda n, seed, split: task.demonstrations(n, seed, split=split),
-        "comparison": lambda n, seed, split: task.comparisons(n, seed, cfg.flip_rate if split == "train" else 0,
-                                                               split=split)[0],
+        "demonstration": lambda n, seed, split: (task.corpus(n, seed) if cfg.task_corpus
+                                                 else task.demonstrations(n, seed, split=split)),
+        "comparison": lambda n, seed, split: task.comparisons(
+            n, seed, **({"flip_rate": cfg.flip_rate, "targeted_flip_rate": cfg.targeted_flip_rate}
+                        if split == "train" else {}), split=split)[0],
         "rating": lambda n, seed, split: task.ratings(n, seed, split=split),
         "judgement": lambda n, seed, split: task.judgements(n, seed, split=split),
     }
@@ -116,7 +121,7 @@ def _task_records(cfg: DataConfig, kind: str) -> tuple[list, list]:
     if not hasattr(task, method):
         raise ValueError(f"task {cfg.task!r} has no {kind} data; tasks: {', '.join(TASKS.names())}")
     make = makers[kind]
-    return make(cfg.task_size, cfg.seed, "train"), make(cfg.eval_size, cfg.seed + 10_000, "eval")
+    return make(cfg.task_size, cfg.seed, "train"), make(cfg.eval_size, cfg.seed + 10_000, cfg.eval_split)
 
 
 def load_splits(cfg: DataConfig, kind: str) -> tuple[list, list, list[str]]:

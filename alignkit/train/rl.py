@@ -39,6 +39,7 @@ class RLDataConfig:
     task: str = "arithmetic"
     task_options: dict = field(default_factory=dict)  # e.g. {max_operand: 9}
     task_size: int = 1000
+    eval_split: str = "eval"        # built-in task split evaluated on: "eval" (in-distribution) or "ood"
     eval_size: int = 100
     judge_template: str = "pairwise"
     seed: int = 0
@@ -168,7 +169,7 @@ def load_prompts(cfg: RLDataConfig) -> tuple[list[PromptRecord], list[PromptReco
     convert = PROMPT_DATA.get(cfg.kind).fn
     if cfg.train is None:
         return (convert(_task_records(cfg, cfg.kind, cfg.task_size, cfg.seed, "train"), cfg),
-                convert(_task_records(cfg, cfg.kind, cfg.eval_size, cfg.seed + 10_000, "eval"), cfg))
+                convert(_task_records(cfg, cfg.kind, cfg.eval_size, cfg.seed + 10_000, cfg.eval_split), cfg))
     train = load_records(cfg.train, cfg.kind, columns=cfg.columns, on_error=cfg.on_error, split=cfg.split).records
     if cfg.eval:
         evaluation = load_records(cfg.eval, cfg.kind, columns=cfg.columns, on_error=cfg.on_error).records
