@@ -145,13 +145,29 @@ def cmd_dpo(args) -> int:
     return cmd_preference(args)
 
 
-@COMMANDS.register("demo", summary="SFT then DPO on the built-in task; held-out preference accuracy")
+@COMMANDS.register("demo", summary="base -> SFT -> reward model -> DPO, GRPO, Self-Rewarding PPO; gold-reward table")
 def cmd_demo(args) -> int:
     from alignkit.demo import run_demo
 
-    results = run_demo(quick=args.quick, output_dir=args.output_dir)
-    console.print(summary_table("held-out preference accuracy (chance = 0.5)", results))
+    result = run_demo(quick=args.quick, output_dir=args.output_dir, seed=args.seed, echo=console.print)
+    columns = next(iter(result.rows.values()))
+    table = Table(title="held-out prompts, scored by the task's hidden gold reward")
+    for name in ["method", *columns]:
+        table.add_column(name, justify="left" if name == "method" else "right", no_wrap=True)
+    for method, values in result.rows.items():
+        table.add_row(method, *(f"{v:.3f}" for v in values.values()))
+    console.print(table)
+    console.print("stage times: " + ", ".join(f"{name} {s:.0f} s" for name, s in result.seconds.items()))
+    console.print(f"report: {result.path / 'report.html'}", soft_wrap=True)
     return 0
+
+
+@COMMANDS.register("report", summary="a static HTML report (offline) of one or more run directories, side by side",
+                   arguments="alignkit.report:add_arguments")
+def cmd_report(args) -> int:
+    from alignkit.report import run
+
+    return run(args)
 
 
 def _import(spec: str):
@@ -169,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         if entry.name == "demo":
             p.add_argument("--quick", action="store_true", help="a one-minute version")
             p.add_argument("--output-dir", default="runs")
+            p.add_argument("--seed", type=int, default=0)
             continue
         if "arguments" in entry.meta:
             _import(entry.meta["arguments"])(p)

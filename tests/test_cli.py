@@ -64,4 +64,13 @@ def test_demo_console_script_runs_the_main_job(tmp_path):
     out = subprocess.run(["alignkit", "demo", "--quick", "--output-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "after SFT + DPO" in out.stdout and "base model" in out.stdout
+    assert "Self-Rewarding PPO" in out.stdout and "report:" in out.stdout
+    (demo,) = tmp_path.glob("demo-*")
+    evaluation = json.loads((demo / "evaluation.json").read_text())
+    gold = {row[0]: dict(zip(evaluation["columns"], row, strict=True))["gold"] for row in evaluation["rows"]}
+    assert gold["SFT"] > gold["base"] + 0.1
+    for method in ("DPO", "GRPO on RM", "Self-Rewarding PPO"):
+        assert gold[method] > gold["SFT"], (method, gold)
+    assert sorted(p.name for p in demo.iterdir() if (p / "metrics.jsonl").exists()) == [
+        "1-base", "2-sft", "3-reward-model", "4-dpo", "5-grpo", "6-self-rewarding-ppo"]
+    assert "<svg" in (demo / "report.html").read_text()

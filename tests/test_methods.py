@@ -55,16 +55,6 @@ def test_unpaired_losses_learn_from_thumbs_up_and_down(tmp_path, loss):
     assert auc > 0.6, auc
 
 
-def test_sft_then_dpo_raises_heldout_preference_accuracy_far_above_chance(tmp_path):
-    from alignkit.demo import run_demo
-
-    scores = run_demo(quick=True, output_dir=str(tmp_path))
-    assert abs(scores["base model"] - 0.5) < 0.1
-    assert scores["after SFT"] > scores["base model"] + 0.1
-    assert scores["after SFT + DPO"] > scores["after SFT"] + 0.05
-    assert scores["after SFT + DPO"] > 0.75
-
-
 def test_r3m_dpo_flags_most_flipped_pairs_and_few_clean_ones(tmp_path):
     """30% of labels flipped: measured precision 0.80, recall 0.87 (docs/methods.md)."""
     model, tok = _sft(tmp_path)
