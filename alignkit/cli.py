@@ -41,7 +41,14 @@ def _recipe_table() -> str:
     return "\n".join(lines)
 
 
-EPILOGS = {"preference": _loss_table, "dpo": _loss_table, "reward": _reward_loss_table, "rl": _recipe_table}
+def _experiment_table() -> str:
+    from alignkit.experiments import EXPERIMENTS
+
+    return "\n".join(["experiments:"] + [f"  {e.name:<20} {e.summary}  [{e.paper}]" for e in EXPERIMENTS])
+
+
+EPILOGS = {"preference": _loss_table, "dpo": _loss_table, "reward": _reward_loss_table, "rl": _recipe_table,
+           "experiment": _experiment_table}
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -162,6 +169,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+@COMMANDS.register("experiment", summary="a seed paper's claim at small scale: seeds, 95% CIs, table, plots")
+def cmd_experiment(args) -> int:
+    from alignkit.experiments import run_experiment
+
+    path, _ = run_experiment(args.name, args.seeds, quick=args.quick, output_dir=args.output_dir, echo=console.print)
+    console.print((path / "results.md").read_text(), soft_wrap=True)
+    console.print(f"results: {path}", soft_wrap=True)
+    return 0
+
+
 @COMMANDS.register("report", summary="a static HTML report (offline) of one or more run directories, side by side",
                    arguments="alignkit.report:add_arguments")
 def cmd_report(args) -> int:
@@ -186,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--quick", action="store_true", help="a one-minute version")
             p.add_argument("--output-dir", default="runs")
             p.add_argument("--seed", type=int, default=0)
+            continue
+        if entry.name == "experiment":
+            p.add_argument("name", help="experiment name (see the list below)")
+            p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+            p.add_argument("--quick", action="store_true", help="a small version (what the tests run)")
+            p.add_argument("--output-dir", default="runs")
             continue
         if "arguments" in entry.meta:
             _import(entry.meta["arguments"])(p)
