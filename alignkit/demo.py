@@ -37,7 +37,6 @@ MAX_NEW_TOKENS = 16  # four two-letter words, three spaces and EOS fit in 12
 class DemoSize:
     """Examples and optimizer steps per stage; the full demo takes about 2 minutes on 2 CPU cores."""
 
-    corpus: int = 4000
     pretrain_steps: int = 600
     demonstrations: int = 1000
     sft_steps: int = 200
@@ -51,8 +50,7 @@ class DemoSize:
 
 SIZES = {
     "full": DemoSize(),
-    "quick": DemoSize(corpus=2000, pretrain_steps=250, demonstrations=500, sft_steps=80, comparisons=1500,
-                      reward_steps=100, dpo_steps=100, grpo_steps=25, srppo_steps=25, eval_prompts=150),
+    "quick": DemoSize(reward_steps=100, dpo_steps=100, grpo_steps=30, srppo_steps=30, eval_prompts=150),
 }
 
 
@@ -84,6 +82,21 @@ def frozen(model):
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
+def pretrain_base(run: RunDir, name: str, steps: int, seed: int, progress: bool = True):
+    """A tiny model pretrained on the language task's corpus, and its tokenizer."""
+    model, tokenizer = tiny_model_and_tokenizer(seed=seed)
+    base = offline_stage(run, name, "sft", {"task_corpus": True, "task_size": 4000, "seed": seed},
+                         {"steps": steps, "lr": 3e-3, "seed": seed, "progress": progress}, model, tokenizer).model
+    return base, tokenizer
+
+
+def sft_stage(run: RunDir, name: str, base, tokenizer, demonstrations: int, steps: int, seed: int,
+              progress: bool = True):
+    return offline_stage(run, name, "sft", {"task_size": demonstrations, "seed": seed},
+                         {"steps": steps, "lr": 3e-4, "seed": seed, "progress": progress},
+                         copy.deepcopy(base), tokenizer).model
+
+
 def self_rewarding_ppo(run: RunDir, name: str, base, sft, tokenizer, steps: int, seed: int):
     """PPO from the SFT model on log pi_SFT - log pi_base (running-normalised), k1 KL 0.2 to SFT in the reward.
 
@@ -98,13 +111,10 @@ def self_rewarding_ppo(run: RunDir, name: str, base, sft, tokenizer, steps: int,
 
 def train_models(run: RunDir, size: DemoSize, seed: int, stage) -> dict:
     """base -> SFT -> reward model -> {DPO, GRPO, Self-Rewarding PPO}; returns the policies by name."""
-    model, tokenizer = tiny_model_and_tokenizer(seed=seed)
     with stage("pretrain base", "pretrain a tiny base model on the task's corpus"):
-        base = offline_stage(run, "1-base", "sft", {"task_corpus": True, "task_size": size.corpus, "seed": seed},
-                        {"steps": size.pretrain_steps, "lr": 3e-3, "seed": seed}, model, tokenizer).model
+        base, tokenizer = pretrain_base(run, "1-base", size.pretrain_steps, seed)
     with stage("SFT", "SFT on demonstrations"):
-        sft = offline_stage(run, "2-sft", "sft", {"task_size": size.demonstrations, "seed": seed},
-                       {"steps": size.sft_steps, "lr": 3e-4, "seed": seed}, copy.deepcopy(base), tokenizer).model
+        sft = sft_stage(run, "2-sft", base, tokenizer, size.demonstrations, size.sft_steps, seed)
     with stage("reward model", "Bradley-Terry reward model on comparisons"):
         rm_run = offline_stage(run, "3-reward-model", "reward", {"task_size": size.comparisons, "seed": seed},
                           {"steps": size.reward_steps, "lr": 1e-3, "seed": seed}, tiny_reward_model(sft), tokenizer)

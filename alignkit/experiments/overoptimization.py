@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from alignkit.demo import MAX_NEW_TOKENS, offline_stage, online_stage
+from alignkit.demo import MAX_NEW_TOKENS, offline_stage, online_stage, pretrain_base, sft_stage
 from alignkit.evaluation.policy import evaluate_policy
 from alignkit.experiments.base import EXPERIMENTS
-from alignkit.models import tiny_model_and_tokenizer, tiny_reward_model
+from alignkit.models import tiny_reward_model
 from alignkit.rewards.models import Ensemble, RewardModel
 from alignkit.tasks import LanguageTask
 from alignkit.train.checkpoint import restore_weights
@@ -76,13 +76,8 @@ def _curve(run_path: Path, name: str, sft, reward, tokenizer, prompts: list[str]
 def overoptimization(seed: int, quick: bool, workdir: Path) -> list[dict]:
     setting, task = SETTINGS[quick], LanguageTask()
     run = RunDir(workdir)
-    model, tokenizer = tiny_model_and_tokenizer(seed=seed)
-    base = offline_stage(run, "base", "sft", {"task_corpus": True, "task_size": 4000, "seed": seed},
-                         {"steps": setting["pretrain_steps"], "lr": 3e-3, "seed": seed, "progress": False},
-                         model, tokenizer).model
-    sft = offline_stage(run, "sft", "sft", {"task_size": 1000, "seed": seed},
-                        {"steps": setting["sft_steps"], "lr": 3e-4, "seed": seed, "progress": False},
-                        copy.deepcopy(base), tokenizer).model
+    base, tokenizer = pretrain_base(run, "base", setting["pretrain_steps"], seed, progress=False)
+    sft = sft_stage(run, "sft", base, tokenizer, 1000, setting["sft_steps"], seed, progress=False)
     members = _reward_models(run, sft, tokenizer, setting, seed)
     specs = [f"rm:{path}" for path, _ in members]
     sources = {"single": (specs[0], members[0][1])}

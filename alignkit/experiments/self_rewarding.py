@@ -11,13 +11,11 @@ held-out prompts (one seeded sample each); win rate is against the SFT model it 
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
-from alignkit.demo import MAX_NEW_TOKENS, offline_stage, self_rewarding_ppo
+from alignkit.demo import MAX_NEW_TOKENS, pretrain_base, self_rewarding_ppo, sft_stage
 from alignkit.evaluation.policy import evaluate_policy
 from alignkit.experiments.base import EXPERIMENTS
-from alignkit.models import tiny_model_and_tokenizer
 from alignkit.tasks import LanguageTask
 from alignkit.train.rundir import RunDir
 
@@ -54,18 +52,13 @@ def _score(policies: dict, tokenizer, prompts: dict[str, list[str]], seed: int) 
 def self_rewarding_vs_sft(seed: int, quick: bool, workdir: Path) -> list[dict]:
     setting, task = SETTINGS[quick], LanguageTask()
     run = RunDir(workdir)
-    model, tokenizer = tiny_model_and_tokenizer(seed=seed)
-    base = offline_stage(run, "base", "sft", {"task_corpus": True, "task_size": 4000, "seed": seed},
-                         {"steps": setting["pretrain_steps"], "lr": 3e-3, "seed": seed, "progress": False},
-                         model, tokenizer).model
+    base, tokenizer = pretrain_base(run, "base", setting["pretrain_steps"], seed, progress=False)
     prompts = {name: [p.prompt for p in task.prompts(setting["prompts"], seed=seed + 20_000, split=split)]
                for name, split in (("ood", "ood"), ("in", "eval"))}
     rows = []
     for count in setting["demonstrations"]:
         steps = max(30, setting["sft_epochs"] * count // 32)
-        sft = offline_stage(run, f"sft-{count}", "sft", {"task_size": count, "seed": seed},
-                            {"steps": steps, "lr": 3e-4, "seed": seed, "progress": False},
-                            copy.deepcopy(base), tokenizer).model
+        sft = sft_stage(run, f"sft-{count}", base, tokenizer, count, steps, seed, progress=False)
         srppo = self_rewarding_ppo(run, f"srppo-{count}", base, sft, tokenizer, setting["rl_steps"], seed)
         rows += [{**row, "demonstrations": count}
                  for row in _score({"SFT": sft, "Self-Rewarding PPO": srppo}, tokenizer, prompts, seed)]

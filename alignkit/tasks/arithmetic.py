@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 
 from alignkit.data.records import Comparison, Demonstration, PromptRecord
-from alignkit.tasks.labels import flip_most_confident, labelled_pair
+from alignkit.tasks.labels import label_pairs
 
 
 @dataclass
@@ -62,13 +62,11 @@ class ArithmeticTask:
     def comparisons(self, n: int, seed: int = 0, flip_rate: float = 0.0, split: str = "train",
                     targeted_flip_rate: float = 0.0) -> tuple[list[Comparison], list[bool]]:
         """(sum, near miss) pairs in random order, labelled from the verifier; see `labels.py`."""
-        rng, pairs, flipped = random.Random(seed + 2), [], []
-        for i, prompt in enumerate(self._prompts(n, seed, split)):
-            a, b = self.answer(prompt), self._near_miss(prompt, rng)
-            a, b = (a, b) if rng.random() < 0.5 else (b, a)
-            margin = self.gold_reward(prompt, a) - self.gold_reward(prompt, b)
-            pair, flip = labelled_pair(rng, prompt, a, b, margin, self.label_temperature, flip_rate,
-                                       index=i, origin=f"arithmetic:{i}")
-            pairs.append(pair)
-            flipped.append(flip)
-        return flip_most_confident(pairs, flipped, self.gold_reward, targeted_flip_rate)
+        rng = random.Random(seed + 2)
+
+        def candidates():
+            for prompt in self._prompts(n, seed, split):
+                a, b = self.answer(prompt), self._near_miss(prompt, rng)
+                yield (prompt, a, b) if rng.random() < 0.5 else (prompt, b, a)
+        return label_pairs(candidates(), self.gold_reward, rng, self.label_temperature, flip_rate, targeted_flip_rate,
+                           "arithmetic")

@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 
 from alignkit.data.records import Comparison, Demonstration, Judgement, PromptRecord, Rating
-from alignkit.tasks.labels import flip_most_confident, labelled_pair
+from alignkit.tasks.labels import label_pairs
 
 ALPHABET = "abcdefgh"
 
@@ -74,17 +74,14 @@ class CipherTask:
         Returns the pairs and, per pair, whether corruption flipped its label (the ground truth of noise).
         """
         rng = random.Random(seed)
-        pairs, flipped = [], []
-        for i in range(n):
-            prompt = self._prompt(rng, split)
-            good = self.answer(prompt)
-            bad = self._corrupt(good, rng)
-            margin = self.gold_reward(prompt, good) - self.gold_reward(prompt, bad)
-            pair, flip = labelled_pair(rng, prompt, good, bad, margin, self.label_temperature, flip_rate,
-                                       index=i, origin=f"cipher:{i}")
-            pairs.append(pair)
-            flipped.append(flip)
-        return flip_most_confident(pairs, flipped, self.gold_reward, targeted_flip_rate)
+
+        def candidates():
+            for _ in range(n):
+                prompt = self._prompt(rng, split)
+                good = self.answer(prompt)
+                yield prompt, good, self._corrupt(good, rng)
+        return label_pairs(candidates(), self.gold_reward, rng, self.label_temperature, flip_rate, targeted_flip_rate,
+                           "cipher")
 
     def ratings(self, n: int, seed: int = 0, split: str = "train") -> list[Rating]:
         """Half right answers labelled desirable, half random letter strings labelled undesirable.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from alignkit.data.records import Comparison
 
@@ -30,6 +30,21 @@ def labelled_pair(rng: random.Random, prompt: str, a: str, b: str, margin: float
     flipped = rng.random() < flip_rate
     chosen, rejected = (a, b) if first != flipped else (b, a)
     return Comparison(prompt, chosen, rejected, index=index, origin=origin), flipped
+
+
+def label_pairs(candidates: Iterable[tuple[str, str, str]], gold: Callable[[str, str], float], rng: random.Random,
+                temperature: float, flip_rate: float, targeted_flip_rate: float, task: str
+                ) -> tuple[list[Comparison], list[bool]]:
+    """Label (prompt, a, b) candidates from the gold reward, then corrupt them; returns pairs and flip flags.
+
+    `candidates` may draw from `rng` too: it is consumed lazily, one pair at a time."""
+    pairs, flipped = [], []
+    for i, (prompt, a, b) in enumerate(candidates):
+        margin = gold(prompt, a) - gold(prompt, b)
+        pair, flip = labelled_pair(rng, prompt, a, b, margin, temperature, flip_rate, index=i, origin=f"{task}:{i}")
+        pairs.append(pair)
+        flipped.append(flip)
+    return flip_most_confident(pairs, flipped, gold, targeted_flip_rate)
 
 
 def flip_most_confident(pairs: list[Comparison], flipped: list[bool], gold: Callable[[str, str], float],

@@ -21,7 +21,7 @@ import random
 from dataclasses import dataclass
 
 from alignkit.data.records import Comparison, Demonstration, PromptRecord
-from alignkit.tasks.labels import flip_most_confident, labelled_pair
+from alignkit.tasks.labels import label_pairs
 
 CONSONANTS, VOWELS = "bdfgklmnprstvz", "aeiou"
 WORDS, OOD_WORDS, SUCCESSORS, LENGTH = 16, 4, 4, 4
@@ -100,14 +100,12 @@ class LanguageTask:
                     targeted_flip_rate: float = 0.0) -> tuple[list[Comparison], list[bool]]:
         """Pairs of grammar samples labelled Bradley-Terry from the gold reward; returns the pairs and,
         per pair, whether corruption flipped its label."""
-        rng, pairs, flipped = random.Random(seed), [], []
-        for i in range(n):
-            prompt = self._prompt(rng, split)
-            last = prompt[:-1].split()[-1]
-            a, b = (self._odd_length(self._continuation(last, rng, False), rng) for _ in range(2))
-            margin = self.gold_reward(prompt, a) - self.gold_reward(prompt, b)
-            pair, flip = labelled_pair(rng, prompt, a, b, margin, self.label_temperature, flip_rate,
-                                       index=i, origin=f"language:{i}")
-            pairs.append(pair)
-            flipped.append(flip)
-        return flip_most_confident(pairs, flipped, self.gold_reward, targeted_flip_rate)
+        rng = random.Random(seed)
+
+        def candidates():
+            for _ in range(n):
+                prompt = self._prompt(rng, split)
+                last = prompt[:-1].split()[-1]
+                yield prompt, *(self._odd_length(self._continuation(last, rng, False), rng) for _ in range(2))
+        return label_pairs(candidates(), self.gold_reward, rng, self.label_temperature, flip_rate, targeted_flip_rate,
+                           "language")
