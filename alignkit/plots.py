@@ -15,7 +15,7 @@ PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e
            "#7f7f7f", "#bcbd22")
 LEFT, TOP, BOTTOM, GAP = 64, 34, 46, 14   # margins around the plot area (GAP: before the legend), in pixels
 LEGEND_LINE = 18                          # height of one legend entry
-CHAR_WIDTH = 6.6                          # average width of a 12px sans-serif character
+CHAR_WIDTH = 7.4                          # width of a wide 12px sans-serif character (legend room)
 SVG_NAMESPACE = "http://www.w3.org/2000/svg"
 
 
