@@ -60,7 +60,7 @@ def test_overoptimization_quick_traces_proxy_gold_and_kl_for_each_reward_model(t
     for name in ("single", "ensemble mean", "ensemble min"):
         curve = sorted((r for r in rows if r["reward model"] == name), key=lambda r: r["step"])
         assert [r["step"] for r in curve] == [0, 10, 20]
-        assert curve[0]["sqrt_kl"] == 0 and curve[-1]["sqrt_kl"] > 0.5
+        assert curve[0]["sqrt_kl"] < 0.01 and curve[-1]["sqrt_kl"] > 0.5  # KL of SFT to itself: rounding only
         assert curve[-1]["proxy"] > curve[0]["proxy"]  # RL raises what it optimises
     starts = {r["gold"] for r in rows if r["step"] == 0}
     assert len(starts) == 1  # every curve starts from the same SFT samples
