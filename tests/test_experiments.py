@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def test_mean_ci_is_the_student_t_interval():
     mean, half = mean_ci([1.0, 2.0, 3.0])
     assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))
-    assert mean_ci([0.7]) == (0.7, 0.0)
+    assert mean_ci([0.7]) == (0.7, 0.0) and mean_ci([1.0, math.nan, 3.0]) == mean_ci([1.0, 3.0])
     assert t_quantile(11) == 2.228 and t_quantile(100) == 1.96
 
 

@@ -30,7 +30,10 @@ def t_quantile(df: int) -> float:
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of its 95% confidence interval (0 for a single value)."""
+    """Mean and half-width of its 95% confidence interval (0 for a single value); NaNs are left out."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, 0.0
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, 0.0
