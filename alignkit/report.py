@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from alignkit.plots import PALETTE, Series, line_chart
+from alignkit.plots import PALETTE, SVG_NAMESPACE, Series, line_chart
 
 METRICS, EVALUATION = "metrics.jsonl", "evaluation.json"
 PHASES = ("generate", "score", "reference", "advantage", "update", "sync")   # online RL's, in order; then "step"
@@ -89,15 +89,18 @@ def read_metrics(path: Path) -> dict[str, dict[int, float]]:
 
 
 def find_runs(dirs: list[Path]) -> tuple[list[Path], list[Path]]:
-    """Run directories (each dir itself, or its immediate subdirectories holding metrics) and evaluation files."""
+    """Run directories (each dir itself, or its immediate subdirectories holding metrics) and evaluation files.
+
+    A directory with an evaluation.json and no runs (an experiment's) is reported by its tables and figures."""
     runs, evaluations = [], []
     for directory in dirs:
         if not directory.is_dir():
             raise FileNotFoundError(f"{directory}: no such directory")
         found = [directory] if (directory / METRICS).is_file() else sorted(
             child for child in directory.iterdir() if (child / METRICS).is_file())
-        if not found:
-            raise FileNotFoundError(f"{directory}: no {METRICS} there or in its immediate subdirectories")
+        if not found and not (directory / EVALUATION).is_file():
+            raise FileNotFoundError(f"{directory}: no {METRICS} there or in its immediate subdirectories, "
+                                    f"and no {EVALUATION}")
         runs += [run for run in found if run not in runs]
         candidates = [directory / EVALUATION, *(run / EVALUATION for run in found)]
         evaluations += [p for p in candidates if p.is_file() and p not in evaluations]
@@ -294,12 +297,20 @@ CHECK_DRAWN = """
 """
 
 
-def render(runs: list[Run], evaluations: list[Path], title: str, notes: list[str]) -> str:
+def _figures(dirs: list[Path]) -> str:
+    """Charts saved next to an evaluation table (an experiment's .svg files), inlined."""
+    charts = [path.read_text(encoding="utf-8").replace(f' xmlns="{SVG_NAMESPACE}"', "")
+              for directory in dirs for path in sorted(directory.glob("*.svg"))]
+    return "<h2>Figures</h2>" + "".join(charts) if charts else ""
+
+
+def render(runs: list[Run], evaluations: list[Path], title: str, notes: list[str], figures: str = "") -> str:
     notes_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    curves = ["<h2>Training curves</h2>", _plots(runs)] if runs else []
     body = [f"<h1>{html.escape(title)}</h1>",
             f'<p class="meta">alignkit report, {time.strftime("%Y-%m-%d %H:%M")}, {len(runs)} run(s)</p>',
-            _runs_table(runs), f'<ul class="notes">{notes_html}</ul>' if notes else "",
-            "<h2>Training curves</h2>", _plots(runs), "<h2>Evaluation</h2>", _evaluation(runs, evaluations),
+            _runs_table(runs) if runs else "", f'<ul class="notes">{notes_html}</ul>' if notes else "",
+            *curves, figures, "<h2>Evaluation</h2>", _evaluation(runs, evaluations),
             _config_differences(runs)]
     return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{STYLE}</style></head>\n<body>\n" + "\n".join(body) + f"\n<script>{CHECK_DRAWN}</script>\n"
@@ -316,11 +327,11 @@ def build_report(run_dirs: list[str | Path], output: str | Path | None = None, t
     paths, evaluations = find_runs(dirs)
     runs = [load_run(path, name) for path, name in zip(paths, _names(paths), strict=True)]
     notes = [f"{run.name}: {METRICS} has no metrics yet" for run in runs if not run.metrics]
-    names = [run.name for run in runs]
+    names = [run.name for run in runs] or [d.name for d in dirs]
     title = title or "alignkit report: " + (", ".join(names) if len(names) <= 6 else f"{len(names)} runs")
     output = Path(output) if output else default_output(dirs)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(render(runs, evaluations, title, notes), encoding="utf-8")
+    output.write_text(render(runs, evaluations, title, notes, _figures(dirs)), encoding="utf-8")
     return output
 
 

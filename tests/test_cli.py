@@ -54,10 +54,17 @@ def test_dpo_from_a_jsonl_file_with_a_bad_record(tmp_path, capsys):
     (["preference", "loss.betta=1"], "takes no option"),
     (["sft", "data.train=/does/not/exist.jsonl"], "file not found"),
     (["sft", "--resume", "/does/not/exist"], "config.yaml"),
+    (["sft", "data.task=language", "data.eval_split=test"], "unknown task split 'test'"),
 ])
 def test_bad_input_gives_a_one_line_error(tmp_path, capsys, args, message):
     assert main([*args, f"output_dir={tmp_path}", *SMALL] if "--resume" not in args else args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_unknown_experiment_is_a_one_line_error_listing_the_experiments(tmp_path, capsys):
+    assert main(["experiment", "nope", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "overoptimization" in err and not list(tmp_path.iterdir())
 
 
 def test_demo_console_script_runs_the_main_job(tmp_path):

@@ -46,6 +46,8 @@ def test_run_experiment_writes_raw_rows_table_and_plots(tmp_path):
     table = json.loads((path / "evaluation.json").read_text())
     assert table["columns"][:3] == ["method", "level", "score (95% CI)"] and len(table["rows"]) == 4
     assert (path / "score.svg").read_text().startswith("<svg") and "score.svg" in (path / "results.md").read_text()
+    report = (path / "report.html").read_text()
+    assert report.count('<svg class="chart"') == 1 and "score (95% CI)" in report and "http" not in report
 
 
 def _results(tmp_path) -> list[dict]:

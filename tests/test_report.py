@@ -307,3 +307,19 @@ def test_chromium_draws_every_series(page, demo_dir, tmp_path):
         assert (distance < 40).sum() >= 50, "no line of the series' colours inside the plot area"
         checked += 1
     assert checked >= 2
+
+
+def test_an_experiment_directory_reports_its_tables_and_inlined_figures_and_chromium_draws_them(tmp_path):
+    from alignkit.plots import save_chart
+
+    (tmp_path / "seed-0").mkdir()
+    (tmp_path / "evaluation.json").write_text(json.dumps({"title": "toy", "columns": ["method", "score"],
+                                                          "rows": [["a", 0.5], ["b", 0.75]]}))
+    save_chart(tmp_path / "score.svg", line_chart([Series("a", [0, 1], [0.2, 0.5]), Series("b", [0, 1], [0.3, 0.75])],
+                                                  "score", "level", "score"))
+    page = build_report([tmp_path]).read_text()
+    assert "http" not in page and ">0.75</td>" in page and len(charts(page)) == 1
+    out = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1000,1200",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", (tmp_path / "report.html").as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and 'data-charts-drawn="1/1"' in out.stdout, out.stderr[-2000:]

@@ -110,3 +110,9 @@ def test_targeted_flips_hit_the_largest_margins_and_end_against_gold():
 def test_tasks_registry_lists_the_three_tasks():
     assert {"arithmetic", "cipher", "language"} <= set(TASKS.names())
     assert isinstance(TASKS.get("language").fn(), LanguageTask)
+
+
+@pytest.mark.parametrize("task", ALL, ids=lambda t: type(t).__name__)
+def test_an_unknown_split_is_an_error_naming_the_splits(task):
+    with pytest.raises(ValueError, match="unknown task split 'test'.*train, eval, ood"):
+        task.prompts(3, split="test")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from alignkit.plots import Series, line_chart, save_chart
 from alignkit.registry import Registry
+from alignkit.report import build_report
 from alignkit.train.rundir import RunDir
 
 EXPERIMENTS = Registry("experiment")
@@ -80,7 +81,8 @@ def markdown(columns: list[str], rows: list[list]) -> str:
 
 def run_experiment(name: str, seeds: list[int], quick: bool = False, output_dir: str = "runs",
                    echo: Callable[[str], None] = print) -> tuple[Path, list[dict]]:
-    """Run experiment `name` for each seed; write results.jsonl, evaluation.json, results.md and plots."""
+    """Run experiment `name` for each seed; write results.jsonl, evaluation.json, results.md, plots and
+    report.html. Rows are appended to results.jsonl seed by seed, so a killed run keeps the seeds it finished."""
     entry = EXPERIMENTS.get(name)
     meta = entry.meta
     run = RunDir.create(output_dir, f"experiment-{name}")
@@ -102,4 +104,5 @@ def run_experiment(name: str, seeds: list[int], quick: bool = False, output_dir:
         path = save_chart(run.path / f"{plot['y']}.svg", svg)
         images.append(f"![{plot['title']}]({path.name})")
     (run.path / "results.md").write_text("\n\n".join([f"# {title}", markdown(columns, cells), *images]) + "\n")
+    build_report([run.path], run.path / "report.html", title=f"alignkit experiment {name}")
     return run.path, summary

@@ -16,7 +16,7 @@ import random
 from dataclasses import dataclass
 
 from alignkit.data.records import Comparison, Demonstration, PromptRecord
-from alignkit.tasks.labels import label_pairs
+from alignkit.tasks.labels import check_split, label_pairs
 
 
 @dataclass
@@ -35,6 +35,7 @@ class ArithmeticTask:
         return (left * 7 + right * 3) % 5 == 0
 
     def _prompts(self, n: int, seed: int, split: str) -> list[str]:
+        check_split(split)
         rng, out = random.Random(seed), []
         while len(out) < n:
             left, right = rng.randint(0, self.max_operand), rng.randint(0, self.max_operand)

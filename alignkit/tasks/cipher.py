@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 
 from alignkit.data.records import Comparison, Demonstration, Judgement, PromptRecord, Rating
-from alignkit.tasks.labels import label_pairs
+from alignkit.tasks.labels import check_split, label_pairs
 
 ALPHABET = "abcdefgh"
 
@@ -40,6 +40,7 @@ class CipherTask:
         return sum(a == b for a, b in zip(truth, guess, strict=True)) / len(truth)
 
     def _prompt(self, rng: random.Random, split: str = "train") -> str:
+        check_split(split)
         low, high = (self.max_letters + 1, self.max_letters + 2) if split == "ood" else (self.min_letters,
                                                                                         self.max_letters)
         n = rng.randint(low, high)

@@ -59,3 +59,12 @@ def flip_most_confident(pairs: list[Comparison], flipped: list[bool], gold: Call
             pairs[i] = Comparison(p.prompt, p.rejected, p.chosen, index=p.index, origin=p.origin)
         flipped[i] = True
     return pairs, flipped
+
+
+SPLITS = ("train", "eval", "ood")
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS + ("corpus",):
+        raise ValueError(f"unknown task split {split!r}; splits: {', '.join(SPLITS)}")
+    return split

@@ -21,7 +21,7 @@ import random
 from dataclasses import dataclass
 
 from alignkit.data.records import Comparison, Demonstration, PromptRecord
-from alignkit.tasks.labels import label_pairs
+from alignkit.tasks.labels import check_split, label_pairs
 
 CONSONANTS, VOWELS = "bdfgklmnprstvz", "aeiou"
 WORDS, OOD_WORDS, SUCCESSORS, LENGTH = 16, 4, 4, 4
@@ -69,6 +69,7 @@ class LanguageTask:
         return completion
 
     def _prompt(self, rng: random.Random, split: str) -> str:
+        check_split(split)
         first = rng.choice(self.words if split in ("ood", "corpus") else self.in_words)
         successors = {"ood": self._next[first][-1:], "corpus": self._next[first]}.get(split, self._next[first][:-1])
         return f"{first} {rng.choice(successors)}:"
