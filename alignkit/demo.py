@@ -12,7 +12,6 @@ runs with their metrics to `report.html`, all in one directory.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,9 @@ from pathlib import Path
 import torch
 
 from alignkit.config import build
-from alignkit.evaluation.policy import evaluate_policy
+from alignkit.evaluation.policy import compare_policies
 from alignkit.models import tiny_model_and_tokenizer, tiny_reward_model
+from alignkit.report import build_report, write_evaluation
 from alignkit.rewards.implicit import ImplicitReward
 from alignkit.rewards.models import RewardModel
 from alignkit.rewards.transforms import RunningNorm, Transformed
@@ -134,28 +134,20 @@ def train_models(run: RunDir, size: DemoSize, seed: int, stage) -> dict:
 
 def evaluate_models(policies: dict, tokenizer, size: DemoSize, seed: int) -> dict[str, dict[str, float]]:
     """Gold reward in and out of distribution, KL to the SFT model and win rate against it."""
-    task, sft = LanguageTask(), policies["SFT"]
+    task = LanguageTask()
     splits = {split: [p.prompt for p in task.prompts(size.eval_prompts, seed=seed + 20_000, split=split)]
               for split in ("eval", "ood")}
-    baselines = {split: evaluate_policy(sft, tokenizer, prompts, task.gold_reward, reference=sft,
-                                        max_new_tokens=MAX_NEW_TOKENS, seed=seed)[1]
-                 for split, prompts in splits.items()}
-    rows = {}
-    for name, policy in policies.items():
-        metrics = {split: evaluate_policy(policy, tokenizer, prompts, task.gold_reward, reference=sft,
-                                          baseline=baselines[split], max_new_tokens=MAX_NEW_TOKENS, seed=seed)[0]
-                   for split, prompts in splits.items()}
-        rows[name] = {"gold": metrics["eval"]["gold_reward"], "gold greedy": metrics["eval"]["greedy_gold_reward"],
-                      "gold ood": metrics["ood"]["gold_reward"], "KL to SFT": metrics["eval"]["kl_to_reference"],
-                      "win vs SFT": metrics["eval"]["win_rate"]}
-    return rows
+    results = compare_policies(policies, "SFT", tokenizer, splits, task.gold_reward, max_new_tokens=MAX_NEW_TOKENS,
+                               seed=seed)
+    return {name: {"gold": r["eval"]["gold_reward"], "gold greedy": r["eval"]["greedy_gold_reward"],
+                   "gold ood": r["ood"]["gold_reward"], "KL to SFT": r["eval"]["kl_to_reference"],
+                   "win vs SFT": r["eval"]["win_rate"]} for name, r in results.items()}
 
 
-def write_evaluation(path: Path, title: str, rows: dict[str, dict[str, float]], seconds: dict[str, float]) -> None:
+def _write_table(path: Path, title: str, rows: dict[str, dict[str, float]], seconds: dict[str, float]) -> None:
     columns = ["method", *next(iter(rows.values()))]
     table = [[name, *(round(v, 4) for v in values.values())] for name, values in rows.items()]
-    (path / "evaluation.json").write_text(json.dumps(
-        {"title": title, "columns": columns, "rows": table, "stage_seconds": seconds}, indent=2))
+    write_evaluation(path, title, columns, table, stage_seconds=seconds)
 
 
 class StageClock:
@@ -192,8 +184,6 @@ def run_demo(quick: bool = False, output_dir: str = "runs", seed: int = 0, echo=
             rows = evaluate_models(policies, tokenizer, size, seed)
     finally:
         torch.set_num_threads(threads)
-    write_evaluation(run.path, "alignkit demo: held-out gold reward", rows, clock.seconds)
-    from alignkit.report import build_report
-
+    _write_table(run.path, "alignkit demo: held-out gold reward", rows, clock.seconds)
     build_report([run.path], run.path / "report.html", title="alignkit demo")
     return DemoResult(run.path, rows, clock.seconds)

@@ -130,6 +130,13 @@ def load_run(path: Path, name: str) -> Run:
                _read_mapping(path / "manifest.json", json.loads), read_metrics(path / METRICS))
 
 
+def write_evaluation(directory: Path, title: str, columns: list[str], rows: list[list], **extra) -> Path:
+    """Write the evaluation table that `read_evaluation` reads (extra keys ride along, unrendered)."""
+    path = directory / EVALUATION
+    path.write_text(json.dumps({"title": title, "columns": columns, "rows": rows, **extra}, indent=2))
+    return path
+
+
 def read_evaluation(path: Path) -> dict:
     """An evaluation table: {"title": str, "columns": [str, ...], "rows": [[cell, ...], ...]}."""
     try:

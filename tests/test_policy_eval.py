@@ -7,7 +7,7 @@ import torch
 
 from alignkit.config import build
 from alignkit.data.tokenize import Encoded
-from alignkit.evaluation.policy import evaluate_policy, kl_to_reference, sample_policy, win_rate
+from alignkit.evaluation.policy import compare_policies, evaluate_policy, kl_to_reference, sample_policy, win_rate
 from alignkit.models import tiny_model_and_tokenizer
 from alignkit.models.logprobs import completion_logprobs
 from alignkit.rollout.base import SamplingConfig
@@ -58,3 +58,16 @@ def test_task_corpus_replaces_demonstrations_for_pretraining_a_base():
                                                    "eval_split": "ood"}), "demonstration")
     task = LanguageTask()
     assert train != demos and all(d.prompt[:-1].split()[-1] in task.ood_words for d in ood)
+
+
+def test_compare_policies_scores_each_policy_against_the_baseline_sampled_once():
+    base, tokenizer = tiny_model_and_tokenizer(seed=3)
+    other, _ = tiny_model_and_tokenizer(seed=4)
+    gold = lambda prompt, completion: float(len(completion) % 3 == 0)  # noqa: E731
+    sets = {"a": PROMPTS, "b": PROMPTS[:5]}
+    results = compare_policies({"base": base, "other": other}, "base", tokenizer, sets, gold, max_new_tokens=5)
+    for name, texts in sets.items():
+        own, samples = evaluate_policy(base, tokenizer, texts, gold, reference=base, max_new_tokens=5)
+        theirs, _ = evaluate_policy(other, tokenizer, texts, gold, reference=base, baseline=samples, max_new_tokens=5)
+        assert results["other"][name] == theirs
+        assert results["base"][name] == {**own, "kl_to_reference": 0.0, "win_rate": 0.5}

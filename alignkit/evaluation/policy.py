@@ -14,6 +14,8 @@ import dataclasses
 import statistics
 from collections.abc import Callable, Sequence
 
+import torch
+
 from alignkit.data.tokenize import Encoded, Encoder
 from alignkit.models.logprobs import completion_logprobs
 from alignkit.rollout.base import Completion, SamplingConfig
@@ -38,6 +40,7 @@ def sample_policy(model, tokenizer, prompts: Sequence[str], gold: GoldReward, sa
                                                                                           strict=True)])
 
 
+@torch.no_grad()
 def kl_to_reference(samples: PolicySamples, reference, pad_id: int, batch_size: int = 64) -> float:
     """Mean over samples of sum_t log pi - log pi_ref, with log pi taken from sampling at temperature 1."""
     encoded = [Encoded(c.prompt_ids, c.token_ids) for c in samples.completions]
@@ -50,6 +53,25 @@ def kl_to_reference(samples: PolicySamples, reference, pad_id: int, batch_size: 
 
 def win_rate(ours: Sequence[float], theirs: Sequence[float]) -> float:
     return statistics.mean(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs, strict=True))
+
+
+def compare_policies(policies: dict, baseline: str, tokenizer, prompts: dict[str, Sequence[str]], gold: GoldReward,
+                     *, max_new_tokens: int = 32, seed: int = 0) -> dict[str, dict[str, dict[str, float]]]:
+    """`evaluate_policy` for every policy on every prompt set ({name: {prompt set: metrics}}), with
+    `policies[baseline]` as both the KL reference and the win-rate baseline. The baseline is sampled
+    once per prompt set; against itself its KL is 0 and its win rate 1/2 by definition."""
+    reference = policies[baseline]
+    results: dict = {name: {} for name in policies}
+    for name_of_set, texts in prompts.items():
+        metrics, samples = evaluate_policy(reference, tokenizer, texts, gold, reference=reference,
+                                           max_new_tokens=max_new_tokens, seed=seed)
+        results[baseline][name_of_set] = {**metrics, "kl_to_reference": 0.0, "win_rate": 0.5}
+        for name, policy in policies.items():
+            if name != baseline:
+                results[name][name_of_set] = evaluate_policy(policy, tokenizer, texts, gold, reference=reference,
+                                                             baseline=samples, max_new_tokens=max_new_tokens,
+                                                             seed=seed)[0]
+    return results
 
 
 def evaluate_policy(model, tokenizer, prompts: Sequence[str], gold: GoldReward, *, reference,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from alignkit.plots import Series, line_chart, save_chart
 from alignkit.registry import Registry
-from alignkit.report import build_report
+from alignkit.report import build_report, write_evaluation
 from alignkit.train.rundir import RunDir
 
 EXPERIMENTS = Registry("experiment")
@@ -96,8 +96,7 @@ def run_experiment(name: str, seeds: list[int], quick: bool = False, output_dir:
     summary = summarize(rows, meta["group"], meta["metrics"])
     columns, cells = table(summary, meta["group"], meta["metrics"])
     title = f"{name}: {entry.summary} ({entry.paper})"
-    (run.path / "evaluation.json").write_text(json.dumps({"title": title, "columns": columns, "rows": cells},
-                                                         indent=2))
+    write_evaluation(run.path, title, columns, cells)
     images = []
     for plot in meta["plots"]:
         svg = chart(summary, meta["group"][0], **plot)

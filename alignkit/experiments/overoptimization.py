@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 from pathlib import Path
 
 import torch
 
 from alignkit.demo import MAX_NEW_TOKENS, offline_stage, online_stage, pretrain_base, sft_stage
-from alignkit.evaluation.policy import evaluate_policy
+from alignkit.evaluation.policy import kl_to_reference, sample_policy
 from alignkit.experiments.base import EXPERIMENTS
 from alignkit.models import tiny_reward_model
 from alignkit.rewards.models import Ensemble, RewardModel
+from alignkit.rollout.base import SamplingConfig
 from alignkit.tasks import LanguageTask
 from alignkit.train.checkpoint import restore_weights
 from alignkit.train.rundir import RunDir
@@ -56,12 +58,12 @@ def _curve(run_path: Path, name: str, sft, reward, tokenizer, prompts: list[str]
         policy = copy.deepcopy(sft)
         if checkpoint is not None:
             restore_weights(policy, checkpoint)
-        metrics, samples = evaluate_policy(policy, tokenizer, prompts, task.gold_reward, reference=sft,
-                                           max_new_tokens=MAX_NEW_TOKENS, seed=seed)
+        samples = sample_policy(policy, tokenizer, prompts, task.gold_reward,
+                                SamplingConfig(max_new_tokens=MAX_NEW_TOKENS), seed)
         proxy = reward.score(prompts, [c.text for c in samples.completions]).values.float().mean()
-        kl = max(metrics["kl_to_reference"], 0.0)
-        rows.append({"reward model": name, "step": step, "sqrt_kl": math.sqrt(kl), "gold": metrics["gold_reward"],
-                     "proxy": float(proxy)})
+        kl = max(kl_to_reference(samples, sft, tokenizer.pad_token_id), 0.0)
+        rows.append({"reward model": name, "step": step, "sqrt_kl": math.sqrt(kl),
+                     "gold": statistics.fmean(samples.gold), "proxy": float(proxy)})
     return rows
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from alignkit.demo import MAX_NEW_TOKENS, pretrain_base, self_rewarding_ppo, sft_stage
-from alignkit.evaluation.policy import evaluate_policy
+from alignkit.evaluation.policy import compare_policies
 from alignkit.experiments.base import EXPERIMENTS
 from alignkit.tasks import LanguageTask
 from alignkit.train.rundir import RunDir
@@ -26,18 +26,10 @@ SETTINGS = {
 
 
 def _score(policies: dict, tokenizer, prompts: dict[str, list[str]], seed: int) -> list[dict]:
-    task, sft = LanguageTask(), policies["SFT"]
-    rows = {name: {} for name in policies}
-    for split, texts in prompts.items():
-        _, baseline = evaluate_policy(sft, tokenizer, texts, task.gold_reward, reference=sft,
-                                      max_new_tokens=MAX_NEW_TOKENS, seed=seed)
-        for name, policy in policies.items():
-            metrics, _ = evaluate_policy(policy, tokenizer, texts, task.gold_reward, reference=sft, baseline=baseline,
-                                         max_new_tokens=MAX_NEW_TOKENS, seed=seed)
-            rows[name].update({f"gold_{split}": metrics["gold_reward"], f"win_{split}": metrics["win_rate"]})
-        rows["Self-Rewarding PPO"]["kl_to_sft"] = metrics["kl_to_reference"]
-    rows["SFT"]["kl_to_sft"] = 0.0
-    return [{"method": name, **values} for name, values in rows.items()]
+    results = compare_policies(policies, "SFT", tokenizer, prompts, LanguageTask().gold_reward,
+                               max_new_tokens=MAX_NEW_TOKENS, seed=seed)
+    return [{"method": name, "gold_ood": r["ood"]["gold_reward"], "gold_in": r["in"]["gold_reward"],
+             "win_ood": r["ood"]["win_rate"], "kl_to_sft": r["in"]["kl_to_reference"]} for name, r in results.items()]
 
 
 @EXPERIMENTS.register(
