@@ -152,7 +152,21 @@ def cmd_dpo(args) -> int:
     return cmd_preference(args)
 
 
-@COMMANDS.register("demo", summary="base -> SFT -> reward model -> DPO, GRPO, Self-Rewarding PPO; gold-reward table")
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="a one-minute version")
+    parser.add_argument("--output-dir", default="runs")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _experiment_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="experiment name (see the list below)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--quick", action="store_true", help="a small version (what the tests run)")
+    parser.add_argument("--output-dir", default="runs")
+
+
+@COMMANDS.register("demo", summary="base -> SFT -> reward model -> DPO, GRPO, Self-Rewarding PPO; gold-reward table",
+                   arguments="alignkit.cli:_demo_arguments")
 def cmd_demo(args) -> int:
     from alignkit.demo import run_demo
 
@@ -169,7 +183,8 @@ def cmd_demo(args) -> int:
     return 0
 
 
-@COMMANDS.register("experiment", summary="a seed paper's claim at small scale: seeds, 95% CIs, table, plots")
+@COMMANDS.register("experiment", summary="a seed paper's claim at small scale: seeds, 95% CIs, table, plots",
+                   arguments="alignkit.cli:_experiment_arguments")
 def cmd_experiment(args) -> int:
     from alignkit.experiments import run_experiment
 
@@ -199,17 +214,6 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(entry.name, help=entry.summary, description=entry.summary,
                            epilog=EPILOGS.get(entry.name, lambda: None)(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        if entry.name == "demo":
-            p.add_argument("--quick", action="store_true", help="a one-minute version")
-            p.add_argument("--output-dir", default="runs")
-            p.add_argument("--seed", type=int, default=0)
-            continue
-        if entry.name == "experiment":
-            p.add_argument("name", help="experiment name (see the list below)")
-            p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-            p.add_argument("--quick", action="store_true", help="a small version (what the tests run)")
-            p.add_argument("--output-dir", default="runs")
-            continue
         if "arguments" in entry.meta:
             _import(entry.meta["arguments"])(p)
             continue
