@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignkit.judges.backends import left_pad
 from alignkit.models import tiny_model, tiny_tokenizer, token_logprobs
 from alignkit.rollout import GENERATORS, SamplingConfig, TransformersGenerator
+from alignkit.rollout.base import prompt_seeds
 from alignkit.rollout.hf import draw
+from alignkit.rollout.tokens import left_pad
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -82,6 +83,44 @@ def test_sampling_is_reproducible_for_a_seed_and_varies_across_seeds(model, toke
     assert torch.equal(torch.get_rng_state(), rng_state)
 
 
+SAMPLED = SamplingConfig(max_new_tokens=12, temperature=1.0, top_k=50, stop=tuple("abcd"))   # rows leave early
+SEEDS = [11, 22, 33, 44, 55]
+
+
+def token_ids(completions) -> list[list[int]]:
+    return [c.token_ids for c in completions]
+
+
+def test_a_prompt_seed_gives_the_same_completion_alone_in_any_batch_and_order(model, tokenizer, prompts):
+    generator = TransformersGenerator(model, tokenizer, batch_size=64)
+    together = token_ids(generator.generate(prompts, SAMPLED, seed=SEEDS))
+    alone = [generator.generate([p], SAMPLED, seed=[s])[0].token_ids for p, s in zip(prompts, SEEDS, strict=True)]
+    reversed_order = token_ids(generator.generate(prompts[::-1], SAMPLED, seed=SEEDS[::-1]))[::-1]
+    small_batches = token_ids(TransformersGenerator(model, tokenizer, batch_size=2).generate(prompts, SAMPLED, SEEDS))
+    assert together == alone == reversed_order == small_batches
+    assert len({len(t) for t in together}) > 2
+
+
+def test_a_repeated_prompt_follows_its_seed(model, tokenizer, prompts):
+    completions = TransformersGenerator(model, tokenizer).generate([prompts[0]] * 3, SAMPLED, seed=[7, 7, 8])
+    assert completions[0] == completions[1] and completions[0].token_ids != completions[2].token_ids
+
+
+def test_an_int_seed_derives_one_seed_per_prompt_position(model, tokenizer, prompts):
+    generator = TransformersGenerator(model, tokenizer, batch_size=2)
+    by_int = generator.generate(prompts, SAMPLED, seed=5)
+    assert by_int == generator.generate(prompts, SAMPLED, seed=prompt_seeds(5, len(prompts)))
+    assert token_ids(by_int) == token_ids(TransformersGenerator(model, tokenizer).generate(prompts, SAMPLED, seed=5))
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        generator.generate(prompts, SAMPLED, seed=SEEDS[:2])
+
+
+def test_lockstep_needs_torch_distributed(model, tokenizer, prompts):
+    with pytest.raises(RuntimeError, match="torch.distributed"):
+        TransformersGenerator(model, tokenizer, lockstep=True).generate(prompts, SAMPLED, seed=0)
+    assert TransformersGenerator(model, tokenizer, lockstep=False).generate(prompts[:1], SAMPLED, seed=0)
+
+
 @pytest.mark.parametrize("truncation", [{"top_k": 1}, {"top_p": 1e-6}])
 def test_keeping_one_token_is_greedy(model, tokenizer, prompts, truncation):
     generator = TransformersGenerator(model, tokenizer)
@@ -140,10 +179,16 @@ def test_training_mode_is_restored_and_weights_can_be_swapped(tokenizer, prompts
 def test_draw_follows_the_weights_and_never_picks_a_zero_weight():
     weights = torch.zeros(600)
     weights[[0, 255, 256, 300, 599]] = torch.tensor([1.0, 2.0, 3.0, 0.5, 3.5])
-    picks = draw(weights.expand(40_000, -1).contiguous(), torch.Generator().manual_seed(0), block=256)
+    uniforms = torch.rand(40_000, 1, generator=torch.Generator().manual_seed(0))
+    picks = draw(weights.expand(40_000, -1).contiguous(), uniforms, block=256)
     counts = torch.bincount(picks, minlength=600).float() / len(picks)
     assert set(picks.unique().tolist()) <= {0, 255, 256, 300, 599}
     assert torch.allclose(counts, weights / weights.sum(), atol=0.01)
+    edges = draw(weights.expand(2, -1).contiguous(), torch.tensor([[0.0], [1.0]]), block=256)
+    assert edges.tolist() == [0, 599]
+    first_block = torch.zeros(1, 600)
+    first_block[0, [3, 10]] = 1.0
+    assert draw(first_block, torch.tensor([[1.0]]), block=256).tolist() == [10]
 
 
 def test_registered_as_transformers():

@@ -6,6 +6,7 @@ import importlib.util
 import inspect
 import json
 import os
+import socket
 import subprocess
 import sys
 import types
@@ -16,7 +17,18 @@ import torch
 
 from alignkit.models.tiny import tiny_model, tiny_tokenizer
 from alignkit.rollout import GENERATORS, SamplingConfig
-from alignkit.rollout.vllm import VLLMGenerator, _to_completion, engine_weights, row_seed
+from alignkit.rollout.base import row_seed
+from alignkit.rollout.vllm import (
+    LAUNCHER_ENV,
+    GroupEngine,
+    VLLMGenerator,
+    _to_completion,
+    _torch_dtype,
+    full_parameters,
+    own_share,
+    parallel_options,
+    tensor_parallel_groups,
+)
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_engine = pytest.mark.skipif(not (HAS_VLLM and torch.cuda.is_available()), reason="needs vLLM and a CUDA GPU")
@@ -91,11 +103,26 @@ def test_row_seeds_are_distinct_and_stable():
 
 # --- weights for the engine --------------------------------------------------------------------------
 
-def test_engine_weights_of_a_plain_model_are_its_state_dict():
+def test_full_parameters_of_a_plain_model_are_its_state_dict():
     model = tiny_model()
-    weights = dict(engine_weights(model))
+    weights = dict(full_parameters(model))
     state = model.state_dict()
     assert list(weights) == list(state) and all(torch.equal(weights[k], state[k]) for k in state)
+    cast = dict(full_parameters(model, torch.bfloat16))
+    assert list(cast) == list(state) and all(torch.equal(cast[k], state[k].to(torch.bfloat16)) for k in state)
+
+
+def test_full_parameters_is_lazy_and_yields_without_copying():
+    model = tiny_model()
+    weights = full_parameters(model)
+    name, first = next(weights)
+    assert name == "model.embed_tokens.weight" and first.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_engine_dtype_of_the_dtype_option():
+    assert _torch_dtype("bfloat16") is torch.bfloat16 and _torch_dtype("half") is torch.float16
+    assert _torch_dtype("float") is torch.float32 and _torch_dtype(torch.float16) is torch.float16
+    assert _torch_dtype("auto") is None
 
 
 def lora_model(**options):
@@ -109,12 +136,12 @@ def lora_model(**options):
     return model
 
 
-def test_engine_weights_of_a_lora_model_are_the_merged_weights_and_leave_it_as_it_was():
+def test_full_parameters_of_a_lora_model_are_the_merged_weights_and_leave_it_as_it_was():
     model = lora_model(modules_to_save=["lm_head"])
     with torch.no_grad():
         model.base_model.model.lm_head.modules_to_save["default"].weight.add_(1.0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    weights = dict(engine_weights(model))
+    weights = dict(full_parameters(model))
     merged = copy.deepcopy(model).merge_and_unload().state_dict()
     assert set(weights) == set(merged)
     for name, value in merged.items():
@@ -124,11 +151,11 @@ def test_engine_weights_of_a_lora_model_are_the_merged_weights_and_leave_it_as_i
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_engine_weights_of_an_already_merged_lora_model_add_nothing_twice():
+def test_full_parameters_of_an_already_merged_lora_model_add_nothing_twice():
     model = lora_model()
     model.merge_adapter()
     merged = copy.deepcopy(model).merge_and_unload().state_dict()
-    weights = dict(engine_weights(model))
+    weights = dict(full_parameters(model))
     for name, value in merged.items():
         torch.testing.assert_close(weights[name], value, rtol=0, atol=1e-6, msg=name)
 
@@ -136,7 +163,7 @@ def test_engine_weights_of_an_already_merged_lora_model_add_nothing_twice():
 def test_dora_is_refused_with_a_clear_error():
     model = lora_model(use_dora=True)
     with pytest.raises(ValueError, match="plain LoRA"):
-        dict(engine_weights(model))
+        dict(full_parameters(model))
 
 
 # --- registry and the missing-vLLM error --------------------------------------------------------------
@@ -206,12 +233,13 @@ def test_a_model_in_memory_starts_from_its_config_and_is_synced_in(fake_vllm):
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     assert llm.options["load_format"] == "dummy" and llm.options["logprobs_mode"] == "processed_logprobs"
     assert llm.options["enforce_eager"] is True and llm.options["dtype"] == "bfloat16"
-    assert "max_model_len" not in llm.options
+    assert "max_model_len" not in llm.options and "distributed_executor_backend" not in llm.options
+    assert llm.options["tensor_parallel_size"] == 1 and gen.llm is llm   # one engine, not a GroupEngine
     config = json.loads(Path(llm.model_path, "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["vocab_size"] == 128
     assert llm.options["tokenizer"] == llm.model_path and gen.eos_ids == [EOS]
-    state = model.state_dict()
-    assert set(llm.loaded) == set(state) and all(torch.equal(llm.loaded[k], state[k]) for k in state)
+    state = model.state_dict()   # streamed in cast to the engine's dtype
+    assert set(llm.loaded) == set(state) and all(torch.equal(llm.loaded[k], state[k].bfloat16()) for k in state)
     assert llm.resets == 1
 
 
@@ -231,6 +259,10 @@ def test_sampling_params_per_row(fake_vllm):
     sent, params = gen.llm.requests[-1]
     assert sent == [{"prompt_token_ids": [4, 5]}, {"prompt_token_ids": [6]}]
     assert [p.seed for p in params] == [row_seed(3, 0), row_seed(3, 1)]
+    gen.generate(prompts, SamplingConfig(temperature=0.7), seed=[11, 12])
+    assert [p.seed for p in gen.llm.requests[-1][1]] == [11, 12]
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        gen.generate(prompts, SamplingConfig(), seed=[11])
     p = params[0]
     assert (p.n, p.temperature, p.top_p, p.top_k, p.max_tokens, p.stop, p.logprobs) == (1, 0.7, 1.0, -1, 8, ["\n"], 0)
     gen.generate(prompts, SamplingConfig(temperature=0), seed=3)
@@ -244,9 +276,90 @@ def test_sampling_params_per_row(fake_vllm):
 
 
 def test_options_it_owns_are_refused(fake_vllm):
-    for bad in ({"tensor_parallel_size": 2}, {"logprobs_mode": "raw_logprobs"}, {"load_format": "auto"}):
-        with pytest.raises(ValueError):
+    for bad in ({"logprobs_mode": "raw_logprobs"}, {"load_format": "auto"},
+                {"distributed_executor_backend": "mp"}):
+        with pytest.raises(ValueError, match="sets .* itself"):
             VLLMGenerator(tiny_model(), tiny_tokenizer(), **bad)
+
+
+# --- tensor parallelism under torchrun: checks, the group's joint batch, and the engine options -------
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"tensor_parallel_size": 2}, "needs torch.distributed: launch one process per GPU with torchrun"),
+    ({"tensor_parallel_size": 0}, "must be a positive int"),
+    ({"tensor_parallel_size": 1.0}, "must be a positive int"),
+    ({"pipeline_parallel_size": 2}, "tensor parallelism only: pipeline_parallel_size must be 1"),
+    ({"data_parallel_size": 2}, "tensor parallelism only: data_parallel_size must be 1"),
+])
+def test_tensor_parallel_arguments_are_checked_before_vllm_is_needed(options, message):
+    with pytest.raises(ValueError, match=message):   # vLLM is not importable here, or not used
+        VLLMGenerator(tiny_model(), tiny_tokenizer(), **options)
+
+
+def test_tensor_parallel_groups_are_consecutive_ranks():
+    assert tensor_parallel_groups(4, 2) == [[0, 1], [2, 3]] and tensor_parallel_groups(3, 1) == [[0], [1], [2]]
+    assert tensor_parallel_groups(4, 4) == [[0, 1, 2, 3]]
+    with pytest.raises(ValueError, match="not a multiple"):
+        tensor_parallel_groups(6, 4)
+
+
+def test_each_rank_keeps_its_share_of_the_joint_batch():
+    outputs = ["a0", "a1", "c0", "c1", "c2"]   # ranks a, b (nothing to generate), c, in rank order
+    counts = [2, 0, 3]
+    assert [own_share(outputs, counts, i) for i in range(3)] == [["a0", "a1"], [], ["c0", "c1", "c2"]]
+    assert own_share([], [0, 0], 1) == []
+    with pytest.raises(RuntimeError, match="4 outputs for a joint batch of 5"):
+        own_share(outputs[:4], counts, 0)
+
+
+@pytest.fixture
+def one_rank_world(tmp_path, monkeypatch):
+    """torch.distributed initialised as a torchrun world of one (gloo), torn down afterwards."""
+    for name, value in zip(LAUNCHER_ENV, ("0", "0", "127.0.0.1", str(free_port())), strict=True):
+        monkeypatch.setenv(name, value)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def test_under_torchrun_the_engine_uses_the_external_launcher(fake_vllm, one_rank_world):
+    gen = VLLMGenerator(tiny_model(), tiny_tokenizer(), dtype="float32", seed=4)
+    options = gen.llm.options
+    assert options["distributed_executor_backend"] == "external_launcher" and options["tensor_parallel_size"] == 1
+    assert options["seed"] == 4 and not isinstance(gen.llm, GroupEngine)   # a group of one gathers nothing
+    with pytest.raises(ValueError, match="world size 1 is not a multiple of tensor_parallel_size=2"):
+        VLLMGenerator(tiny_model(), tiny_tokenizer(), tensor_parallel_size=2)
+
+
+def test_the_external_launcher_needs_torchruns_environment(one_rank_world, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK")
+    with pytest.raises(ValueError, match="missing: LOCAL_RANK"):
+        parallel_options(1, {})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+WORKER = Path(__file__).parent / "dist_workers" / "vllm_sync_worker.py"
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_two_ranks_stream_fsdp2_weights_one_tensor_at_a_time_and_share_a_tensor_parallel_engine():
+    """tests/dist_workers/vllm_sync_worker.py under torchrun, 2 ranks (gloo, CPU), a stand-in vLLM: full
+    tensors of a tiny model sharded per decoder layer equal the unsharded ones on both ranks (LoRA merged
+    too), at most one gathered tensor alive at a time; and a tensor-parallel pair of ranks builds its
+    engine with the external launcher, submits one joint batch and keeps its own share."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(free_port()), str(WORKER)]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).parents[1])
+    log = f"{run.stdout[-4000:]}\n{run.stderr[-8000:]}"
+    assert run.returncode == 0, log
+    assert "rank 0 ok" in run.stdout and "rank 1 ok" in run.stdout, log
 
 
 # --- the real engine ----------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import torch
 from alignkit.data.tokenize import Encoder, TokenizeConfig
 from alignkit.registry import Registry
 from alignkit.rewards.base import CallStats
+from alignkit.rollout.tokens import eos_ids, left_pad
 
 BACKENDS = Registry("generation backend")
 
@@ -73,7 +74,7 @@ class LocalBackend:
     def __init__(self, model, tokenizer, *, batch_size: int = 8, tokenize: TokenizeConfig | None = None):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.encoder = Encoder(tokenizer, tokenize)
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.stats = CallStats()
 
@@ -159,25 +160,6 @@ def rank_steps(step_logits, new_ids, k: int) -> tuple[torch.Tensor, torch.Tensor
         values.append(top.values)
         ids.append(top.indices)
     return torch.stack(chosen, 1).cpu(), torch.stack(values, 1).cpu(), torch.stack(ids, 1).cpu()
-
-
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        attention[row, width - len(prompt):] = 1
-    return ids.to(device), attention.to(device)
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = configured if isinstance(configured, list) else [configured]
-    ids = [i for i in [tokenizer.eos_token_id, *ids] if i is not None]
-    if not ids:
-        raise ValueError("the tokenizer and the model's generation config define no end-of-sequence token")
-    return list(dict.fromkeys(ids))
 
 
 @contextmanager

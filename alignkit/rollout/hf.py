@@ -5,71 +5,115 @@ Positions come from the attention mask, so a padded row gets the same positions 
 head runs on the last position only. A row leaves the batch (and the KV cache) as soon as it
 finishes, so late steps only pay for the rows still going.
 
-Sampling draws one uniform number per row and inverts the cumulative distribution (much cheaper than
-`torch.multinomial` over a large vocabulary on CPU), from a private `torch.Generator`: the same seed,
-prompts and batch size give the same completions on one machine, and the global RNG is untouched.
-Top-p sorts the vocabulary every step, so it costs more than top-k. Stop strings are looked for in
-the decoded text of the last few tokens (the longest stop string's length plus 4), which assumes no
-run of that many tokens decodes to almost nothing.
+Sampling draws one uniform number per row and step and inverts the cumulative distribution (much
+cheaper than `torch.multinomial` over a large vocabulary on CPU). Each prompt draws from its own
+`random.Random`, seeded by its seed (`seed` is one per prompt, or an int from which `prompt_seeds`
+derives them), so a prompt's completion does not depend on the other prompts, their order or the
+batch size (up to float rounding of the batched forward pass), nor on the device; the global RNGs
+are untouched. Top-p sorts the vocabulary every step, so it costs more than top-k. Stop strings are
+looked for in the decoded text of the last few tokens (the longest stop string's length plus 4),
+which assumes no run of that many tokens decodes to almost nothing.
+
+Lockstep (on by default under torch.distributed with more than one rank): with a sharded model
+(FSDP2's `fully_shard`) every forward pass is a collective, so all ranks must run the same number.
+The ranks agree on the number of chunks, a rank out of prompts decodes dummy chunks, and after every
+step they agree whether any row is still going; a rank whose rows have all finished runs the model
+on one dummy token until every rank is done. Real rows get exactly what they get without lockstep.
+Every rank must call `generate` with the same `sampling`.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from alignkit.judges.backends import _eos_ids, left_pad
-from alignkit.rollout.base import Completion, SamplingConfig
+from alignkit.rollout.base import Completion, SamplingConfig, prompt_seeds
+from alignkit.rollout.tokens import eos_ids, left_pad
+
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # torch before 2.6: no FSDP2 models to recognise
+    FSDPModule = ()
 
 
 class TransformersGenerator:
-    """Batched sampling from a transformers causal LM that shares its weights with the trainer."""
+    """Batched sampling from a transformers causal LM that shares its weights with the trainer.
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 64):
+    lockstep: keep the decoding loops of all ranks of the default process group in step (see the
+    module docstring); None turns it on when torch.distributed is initialized with several ranks.
+    """
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 64, lockstep: bool | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.model, self.tokenizer, self.batch_size, self.lockstep = model, tokenizer, batch_size, lockstep
+        self.eos_ids = eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
 
     def sync_weights(self, model) -> None:
         self.model = model
 
-    def generate(self, prompts: Sequence[list[int]], sampling: SamplingConfig, seed: int) -> list[Completion]:
+    def generate(self, prompts: Sequence[list[int]], sampling: SamplingConfig,
+                 seed: int | Sequence[int]) -> list[Completion]:
+        """One completion per prompt, in order; `seed` is an int or one per prompt."""
         if any(len(p) == 0 for p in prompts) or sampling.temperature < 0:
             raise ValueError("every prompt needs at least one token, and the temperature must be at least 0")
+        seeds = prompt_seeds(seed, len(prompts))
         device = next(self.model.parameters()).device
-        rng = torch.Generator(device=device).manual_seed(seed)
+        peers = self._peers(device)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        chunks = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        if peers is not None:   # empty chunks are dummies, run only to keep pace with the other ranks
+            chunks += [[] for _ in range(peers.max(len(chunks)) - len(chunks))]
         results: list[Completion | None] = [None] * len(prompts)
         training = self.model.training
         try:
             self.model.eval()
-            with torch.inference_mode():
-                for start in range(0, len(order), self.batch_size):
-                    chunk = order[start:start + self.batch_size]
-                    completions = self._chunk([prompts[i] for i in chunk], sampling, rng, device)
+            with _without_grad(self.model):
+                for chunk in chunks:
+                    completions = self._chunk([prompts[i] for i in chunk], [seeds[i] for i in chunk],
+                                              sampling, device, peers)
                     for i, completion in zip(chunk, completions, strict=True):
                         results[i] = completion
         finally:
             self.model.train(training)
         return results
 
-    def _chunk(self, prompts: list[list[int]], sampling: SamplingConfig, rng, device) -> list[Completion]:
+    def _peers(self, device) -> _Peers | None:
+        """The other ranks to keep in step with, or None when not in lockstep."""
+        initialized = dist.is_available() and dist.is_initialized()
+        if self.lockstep is None:
+            return _Peers(device) if initialized and dist.get_world_size() > 1 else None
+        if self.lockstep and not initialized:
+            raise RuntimeError("lockstep=True needs torch.distributed to be initialized")
+        return _Peers(device) if self.lockstep else None
+
+    def _chunk(self, prompts: list[list[int]], seeds: list[int], sampling: SamplingConfig, device,
+               peers: _Peers | None) -> list[Completion]:
+        """Completions of one chunk; with no prompts, a dummy chunk that only keeps pace with the peers."""
         state = _Decoding(prompts, sampling, self.eos_ids, self.tokenizer)
-        ids, attention = left_pad(prompts, self.pad_id, device)
+        rngs = [random.Random(s % 2**64) for s in seeds]
+        ids, attention = left_pad(prompts or [[self.pad_id]], self.pad_id, device)
         width = ids.shape[1]
-        attention = torch.cat([attention, attention.new_ones(len(prompts), sampling.max_new_tokens)], 1)
+        attention = torch.cat([attention, attention.new_ones(len(ids), sampling.max_new_tokens)], 1)
         positions = (attention[:, :width].cumsum(1) - 1).clamp(min=0)
         logits, cache = self._step(ids, attention[:, :width], positions, None)
         positions = positions[:, -1:]
         for step in range(sampling.max_new_tokens):
-            tokens, logprobs = sample(logits, sampling, rng)
-            keep = state.record(tokens.tolist(), logprobs.tolist(), last=step == sampling.max_new_tokens - 1)
-            if not keep:
+            keep = []
+            if state.rows:
+                uniforms = [rngs[row].random() for row in state.rows]
+                tokens, logprobs = sample(logits, sampling, uniforms)
+                keep = state.record(tokens.tolist(), logprobs.tolist(), last=step == sampling.max_new_tokens - 1)
+            if not _any_going(len(keep), peers):
                 break
+            if not keep:   # this rank is done, another is not
+                self._keep_pace(device)
+                continue
             if len(keep) < len(tokens):
                 index = torch.tensor(keep, device=device)
                 cache.batch_select_indices(index)
@@ -83,6 +127,36 @@ class TransformersGenerator:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float(), out.past_key_values
+
+    def _keep_pace(self, device) -> None:
+        """A forward pass on one dummy token without a cache: the collectives of a step, nothing else."""
+        self.model(input_ids=torch.full((1, 1), self.pad_id, device=device), use_cache=False, logits_to_keep=1)
+
+
+def _without_grad(model):
+    """torch.inference_mode, or torch.no_grad for an FSDP2 model: FSDP2 builds its unsharded parameters on
+    its first forward pass, and built as inference tensors they make every training step after fail."""
+    sharded = any(isinstance(module, FSDPModule) for module in model.modules())
+    return torch.no_grad() if sharded else torch.inference_mode()
+
+
+def _any_going(live_rows: int, peers: _Peers | None) -> bool:
+    """Whether any row is still going, on this rank or, in lockstep, on any rank."""
+    return (peers.max(live_rows) if peers is not None else live_rows) > 0
+
+
+class _Peers:
+    """All ranks of the default process group, agreeing on counts so their decoding loops stay in step."""
+
+    def __init__(self, device):
+        # NCCL (alone or in a mixed "cpu:gloo,cuda:nccl" backend) takes device tensors; gloo takes CPU ones
+        self.device = device if "nccl" in str(dist.get_backend()) else torch.device("cpu")
+
+    def max(self, value: int) -> int:
+        """The largest `value` over all ranks."""
+        total = torch.tensor([value], device=self.device)
+        dist.all_reduce(total, op=dist.ReduceOp.MAX)
+        return int(total.item())
 
 
 class _Decoding:
@@ -123,9 +197,10 @@ class _Decoding:
         return Completion(list(self.prompts[row]), tokens, text, self.logprobs[row], reason)
 
 
-def sample(logits: Tensor, sampling: SamplingConfig, rng: torch.Generator) -> tuple[Tensor, Tensor]:
+def sample(logits: Tensor, sampling: SamplingConfig, uniforms: Sequence[float]) -> tuple[Tensor, Tensor]:
     """Next tokens [B] and their log softmax(logits / temperature) [B], before top-k / top-p truncation.
 
+    `uniforms`: one number in [0, 1) per row, what the row's draw is made from (unused when greedy).
     Overwrites `logits`. Log-probs are read as log(softmax) at the chosen tokens: one pass over the
     vocabulary (torch's softmax is faster than its exp on CPU), exact to float32 rounding.
     """
@@ -134,12 +209,13 @@ def sample(logits: Tensor, sampling: SamplingConfig, rng: torch.Generator) -> tu
         probs = logits.softmax(-1)
     else:
         probs = logits.div_(sampling.temperature).softmax(-1)
-        tokens = draw(truncate(probs, sampling.top_k, sampling.top_p), rng)
+        uniforms = torch.tensor(uniforms, dtype=probs.dtype).to(probs.device)[:, None]
+        tokens = draw(truncate(probs, sampling.top_k, sampling.top_p), uniforms)
     return tokens, probs.gather(1, tokens[:, None]).squeeze(1).log()
 
 
-def draw(weights: Tensor, rng: torch.Generator, block: int = 256) -> Tensor:
-    """One index per row with probability proportional to `weights` [B, V], by one uniform number per row.
+def draw(weights: Tensor, uniforms: Tensor, block: int = 256) -> Tensor:
+    """One index per row with probability proportional to `weights` [B, V], from `uniforms` [B, 1] in [0, 1].
 
     The number is placed in the running sums of blocks of the vocabulary, then in the running sum inside its
     block: two short cumulative sums instead of one over the whole vocabulary. An index of zero weight is
@@ -150,7 +226,8 @@ def draw(weights: Tensor, rng: torch.Generator, block: int = 256) -> Tensor:
     blocks = (torch.nn.functional.pad(weights, (0, padding)) if padding else weights).view(rows, -1, block)
     sums = blocks.sum(-1)
     ends = sums.cumsum(-1)
-    target = torch.rand(rows, 1, generator=rng, device=weights.device) * ends[:, -1:]
+    total = ends[:, -1:]
+    target = torch.minimum(uniforms * total, total.nextafter(torch.zeros_like(total)))  # rounding can reach total
     chosen = torch.searchsorted(ends, target, right=True).clamp_(max=ends.shape[1] - 1)
     inside = blocks[torch.arange(rows, device=weights.device), chosen[:, 0]].cumsum(-1)
     rest = (target - ends.gather(1, chosen) + sums.gather(1, chosen)).clamp_(min=0)
