@@ -1,5 +1,8 @@
 """Build any reward source or pairwise judge from a short spec, as a command line gives it.
 
+The factory sits above both `rewards/` (reward protocols, reward models, rules, transforms) and
+`judges/` (generative judges, which build on the reward protocols); neither imports it.
+
 A spec is `KIND:TARGET[,key=value...]` or a YAML file holding a mapping with `kind`:
 
     rm:runs/reward-20261123-101500               scalar reward model (a run, checkpoint or model folder)
@@ -127,11 +130,13 @@ def _rule(*, target: str, **options):
 
 @SOURCES.register("builtin", summary="a built-in rule: exact_match, or verdict_match (Think-RM stage 2)")
 def _builtin(*, target: str, **options):
-    from alignkit.rewards.rules import BUILTIN_RULES, RuleReward
+    from alignkit.judges.templates import verdict_match
+    from alignkit.rewards.rules import RuleReward, exact_match
 
-    if target not in BUILTIN_RULES:
-        raise ValueError(f"unknown built-in rule {target!r}; known: {', '.join(sorted(BUILTIN_RULES))}")
-    return RuleReward(BUILTIN_RULES[target], **options)
+    builtin = {"exact_match": exact_match, "verdict_match": verdict_match}
+    if target not in builtin:
+        raise ValueError(f"unknown built-in rule {target!r}; known: {', '.join(sorted(builtin))}")
+    return RuleReward(builtin[target], **options)
 
 
 @SOURCES.register("task", summary="the gold reward of a built-in task (e.g. task:arithmetic, its verifier)")

@@ -13,7 +13,7 @@ from alignkit.evaluation.rm import best_of_n_scores, evaluate, score_pairs
 from alignkit.models.loading import resolve_model_path
 from alignkit.models.tiny import tiny_model_and_tokenizer
 from alignkit.rewards import CallStats, ImplicitReward, Preference, RuleReward
-from alignkit.rewards.specs import SOURCES, build_source, parse_spec
+from alignkit.sources import SOURCES, build_source, parse_spec
 
 RULES = '''
 def length(prompt, completion, reference):
@@ -136,13 +136,16 @@ def test_implicit_and_reward_model_sources_load_from_saved_folders(tmp_path, pai
     assert report["pairs"] == 4
 
 
-def test_resolve_model_path_finds_a_runs_latest_checkpoint(tmp_path):
-    model_dir = tmp_path / "run" / "checkpoints" / "step-0000005" / "model"
-    model_dir.mkdir(parents=True)
-    (model_dir.parent / "state.pt").write_bytes(b"")
-    (tmp_path / "run" / "checkpoints" / "latest").write_text("step-0000005")
-    assert resolve_model_path(str(tmp_path / "run")) == str(model_dir)
-    assert resolve_model_path(str(model_dir.parent)) == str(model_dir)
+def test_resolve_model_path_finds_a_runs_final_model(tmp_path):
+    from alignkit.models.loading import ModelLoadError
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-0000005").mkdir(parents=True)
+    with pytest.raises(ModelLoadError, match="no final model yet"):
+        resolve_model_path(str(run))
+    (run / "model").mkdir()
+    assert resolve_model_path(str(run)) == str(run / "model")
+    assert resolve_model_path(str(run / "model")) == str(run / "model")
     assert resolve_model_path("some/hub-id") == "some/hub-id"
 
 

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from alignkit.data.loaders import DataError, load_records
 from alignkit.evaluation.rm import agreement_report, evaluate
-from alignkit.rewards.specs import SOURCES, build_source
+from alignkit.sources import SOURCES, build_source
 from alignkit.tasks import TASKS
 
 HELD_OUT_SEED = 10_000  # the eval seed of built-in task data (recipes: data.seed + 10_000)

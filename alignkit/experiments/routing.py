@@ -30,7 +30,7 @@ from alignkit.experiments.base import EXPERIMENTS
 from alignkit.models import PreferenceModel, tiny_model_and_tokenizer
 from alignkit.rewards import Preference, PreferenceModelJudge, RewardComparison
 from alignkit.rewards.routing import UncertaintyRouter
-from alignkit.rewards.specs import build_source
+from alignkit.sources import build_source
 from alignkit.tasks import LanguageTask
 from alignkit.train import RunConfig, train
 

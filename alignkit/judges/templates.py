@@ -117,3 +117,11 @@ def _template(name: str, kind: str) -> Template:
     if entry.meta.get("kind") != kind:
         raise ValueError(f"judge template {name!r} is {entry.meta.get('kind')}, not {kind}")
     return entry.fn
+
+
+def verdict_match(prompt, completion: str, reference: str | None) -> float:
+    """Think-RM stage 2 (arXiv 2505.16265): 1 when the last parsed verdict equals the gold verdict, else 0."""
+    if reference is None:
+        raise ValueError("verdict_match needs the gold verdict as the reference")
+    match = parse_verdict(completion)
+    return float(match is not None and match.value.lower() == reference.lower())

@@ -103,14 +103,3 @@ def exact_match(prompt: Prompt, completion: str, reference: str | None) -> float
     return float(completion.strip() == reference.strip())
 
 
-def verdict_match(prompt: Prompt, completion: str, reference: str | None) -> float:
-    """Think-RM stage 2 (arXiv 2505.16265): 1 when the last parsed verdict equals the gold verdict, else 0."""
-    from alignkit.judges.templates import parse_verdict
-
-    if reference is None:
-        raise ValueError("verdict_match needs the gold verdict as the reference")
-    match = parse_verdict(completion)
-    return float(match is not None and match.value.lower() == reference.lower())
-
-
-BUILTIN_RULES = {"exact_match": exact_match, "verdict_match": verdict_match}
