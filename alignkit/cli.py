@@ -74,8 +74,7 @@ def _resolve(args, extra: dict | None = None) -> dict:
 
 
 def summary_table(title: str, rows: dict[str, float]) -> Table:
-    console.print(title)
-    table = Table()
+    table = Table(title=title, title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in rows.items():
@@ -89,9 +88,17 @@ def _run_training(command: str, args, extra: dict | None = None) -> int:
     cfg = config_from(_resolve(args, extra))
     result = train(cfg, command, resume=args.resume)
     rows = {k: v for k, v in result.metrics.items() if not k.startswith("eval/reward_margin")}
-    console.print(summary_table(f"alignkit {command}: final evaluation", rows))
-    console.print(f"run directory: {result.run.path}", soft_wrap=True)
+    _report(summary_table(f"alignkit {command}: final evaluation", rows), result.run.path)
     return 0
+
+
+def _report(table: Table, run_path) -> None:
+    """The final table and the run directory, printed by rank 0 only under torchrun."""
+    from alignkit import distributed
+
+    if distributed.is_main():
+        console.print(table)
+        console.print(f"run directory: {run_path}", soft_wrap=True)
 
 
 @COMMANDS.register("sft", summary="supervised fine-tuning on demonstrations")
@@ -126,8 +133,7 @@ def cmd_rl(args) -> int:
     result = run_rl(config_from(_resolve(args, {"model.name": args.model, "recipe": args.recipe})),
                     resume=args.resume)
     rows = {**{f"before/{k}": v for k, v in result.initial_metrics.items()}, **result.metrics}
-    console.print(summary_table("alignkit rl: held-out evaluation (greedy)", rows))
-    console.print(f"run directory: {result.run.path}", soft_wrap=True)
+    _report(summary_table("alignkit rl: held-out evaluation (greedy)", rows), result.run.path)
     return 0
 
 

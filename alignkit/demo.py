@@ -27,7 +27,7 @@ from alignkit.rewards.models import RewardModel
 from alignkit.rewards.transforms import RunningNorm, Transformed
 from alignkit.tasks import LanguageTask
 from alignkit.train.recipes import RunConfig, train
-from alignkit.train.rl import RECIPES, RLRunConfig, run_rl
+from alignkit.train.rl import RECIPES, RL_TRAIN_DEFAULTS, RLRunConfig, run_rl, split_options
 from alignkit.train.rundir import RunDir
 
 MAX_NEW_TOKENS = 16  # four two-letter words, three spaces and EOS fit in 12
@@ -71,11 +71,13 @@ def offline_stage(run: RunDir, name: str, command: str, data: dict, train_option
 
 def online_stage(run: RunDir, name: str, recipe: str, reward_spec: str, rl: dict, model, tokenizer, reward,
                  seed: int = 0):
+    train_options, rl = split_options(rl)
     cfg = build(RLRunConfig, {"recipe": recipe, "output_dir": str(run.path), "run_name": name, "reward": reward_spec,
                               "data": {"task": "language", "task_size": 2000, "eval_size": 100, "seed": seed},
                               "rollout": {"max_new_tokens": MAX_NEW_TOKENS},
+                              "train": {**RL_TRAIN_DEFAULTS, **train_options},
                               "rl": {**RECIPES.call(recipe)["rl"], **rl}})
-    return run_rl(cfg, model=model, tokenizer=tokenizer, reward=reward).trainer.policy
+    return run_rl(cfg, model=model, tokenizer=tokenizer, reward=reward).method.policy
 
 
 def frozen(model):

@@ -181,7 +181,7 @@ def run_alignkit(spec: dict) -> dict:
     truncated = next(row["truncated"] for row in log if row.get("event") == "data")
     if truncated:
         raise RuntimeError(f"alignkit truncated {truncated} sequences: raise the length limits")
-    examples = result.trainer.objective.splits["train"]
+    examples = result.method.objective.splits["train"]
     step_s = [n / row["train/tokens_per_s"] for n, row in zip(_step_tokens(result), steps, strict=True)]
     return {"tokens": sum(len(e) for e in examples), "wall_s": wall, "loop_s": sum(step_s),
             "start_rss_mib": start_rss, "losses": [row["train/loss"] for row in steps]}
@@ -189,7 +189,7 @@ def run_alignkit(spec: dict) -> dict:
 
 def _step_tokens(result) -> list[int]:
     """Tokens of each optimizer step, in the trainer's own data order."""
-    trainer, examples = result.trainer, result.trainer.objective.splits["train"]
+    trainer, examples = result.method, result.method.objective.splits["train"]
     return [sum(len(examples[i]) for i in trainer.batch_indices(step)) for step in range(trainer.total_steps)]
 
 

@@ -23,10 +23,9 @@ def test_lora_trains_adapters_only_and_checkpoints_restore_them(tmp_path):
     now = dict(model.named_parameters())
     assert all(torch.equal(now[k], v) for k, v in frozen.items())
     assert any(not torch.equal(now[k], v) for k, v in trainable.items())
-    checkpoint = latest_checkpoint(result.run.checkpoints)
-    assert (checkpoint / "model" / "adapter_model.safetensors").exists()
+    assert (result.run.path / "model" / "adapter_model.safetensors").exists(), "the final model is the adapter"
     fresh, _ = load_model_and_tokenizer(ModelConfig(lora=LORA))
-    restore_weights(fresh, checkpoint)
+    restore_weights(fresh, latest_checkpoint(result.run.checkpoints))
     for name, value in fresh.named_parameters():
         assert torch.equal(value, now[name]), name
 

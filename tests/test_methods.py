@@ -44,7 +44,7 @@ def test_unpaired_losses_learn_from_thumbs_up_and_down(tmp_path, loss):
     model, tok = _sft(tmp_path, steps=15)
     result = _run(tmp_path, "preference", model, tok, loss={"name": loss, "beta": 0.1},
                   data={"task_size": 1000, "kind": "rating"}, train={"steps": 40, "lr": 1e-3})
-    objective = result.trainer.objective
+    objective = result.method.objective
     assert type(objective).__name__ == "UnpairedObjective"
     held_out = objective.splits["eval"]
     with torch.no_grad():

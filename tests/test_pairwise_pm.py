@@ -23,7 +23,6 @@ from alignkit.models.pairwise import SNGPHead, SpectralLinear
 from alignkit.rewards import Preference, PreferenceEnsemble, PreferenceModelJudge
 from alignkit.tasks.cipher import CipherTask
 from alignkit.train import RunConfig, train
-from alignkit.train.checkpoint import latest_checkpoint
 
 
 def _logsig(x: float) -> float:
@@ -90,16 +89,17 @@ def _tiny_pm(head: str = "sngp", seed: int = 0, **options) -> tuple[PreferenceMo
 def test_pairwise_micro_batching_gives_the_full_batch_gradient(tmp_path, head):
     """One step of batch 8 (16 sequences, both orders) as 1x8, 8x1 and 3+3+2: the same gradient."""
     model, tok = _tiny_pm(head)
-    trainer = train(_cfg(tmp_path), "pairwise-rm", model=model, tokenizer=tok).trainer
+    result = train(_cfg(tmp_path), "pairwise-rm", model=model, tokenizer=tok)
+    trainer, loop = result.method, result.loop
     ids = trainer.batch_indices(1)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     grads = []
-    trainer.optimizer.step = lambda: grads.append(
+    loop.optimizer.step = lambda: grads.append(
         {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     for micro in (8, 1, 3):
         model.load_state_dict(weights)  # spectral norm's power-iteration vectors move on every forward
         trainer.micro = micro
-        trainer.train_step(ids)
+        trainer.train_step(loop, ids)
     assert any(name.startswith("head.") for name in grads[0])
     for other in grads[1:]:
         for name, value in grads[0].items():
@@ -244,7 +244,7 @@ def test_uncertainty_is_larger_far_from_the_training_data(trained):
 
 def test_saved_model_reloads_with_identical_probabilities(trained, tmp_path):
     result, cfg = trained
-    saved = latest_checkpoint(result.run.checkpoints) / "model"
+    saved = result.run.path / "model"
     pairs = CipherTask().comparisons(12, seed=7)[0]
     args = ([p.prompt for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs])
     before = PreferenceModelJudge(result.model, result.tokenizer).compare(*args)

@@ -11,7 +11,6 @@ from alignkit.config import build
 from alignkit.models import reward_head_scores, reward_scores, tiny_model, tiny_model_and_tokenizer, tiny_reward_model
 from alignkit.rewards import Ensemble, RewardModel
 from alignkit.train import RunConfig, train
-from alignkit.train.checkpoint import latest_checkpoint
 
 R_W = [[1.5, 0.5, -1.0], [-0.25, 0.0, 2.0]]   # 2 pairs x 3 heads
 R_L = [[0.5, 1.0, -2.0], [0.75, -0.5, 1.0]]
@@ -57,16 +56,17 @@ def test_k_head_micro_batching_gives_the_full_batch_gradient(tmp_path, loss):
     """One step of batch 8 as 1x8, 8x1 and 3+3+2 micro-batches: the same accumulated gradient."""
     lm, tok = tiny_model_and_tokenizer(seed=0)
     model = tiny_reward_model(lm, heads=3)
-    trainer = train(_cfg(tmp_path, loss={"name": loss}, train={"steps": 1}), "reward", model=model,
-                    tokenizer=tok).trainer
+    result = train(_cfg(tmp_path, loss={"name": loss}, train={"steps": 1}), "reward", model=model,
+                    tokenizer=tok)
+    trainer, loop = result.method, result.loop
     ids, state = trainer.batch_indices(1), trainer.objective.state_dict()
     grads = []
-    trainer.optimizer.step = lambda: grads.append(
+    loop.optimizer.step = lambda: grads.append(
         {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     for micro in (8, 1, 3):
         trainer.micro = micro
         trainer.objective.load_state_dict(state)
-        trainer.train_step(ids)
+        trainer.train_step(loop, ids)
     assert "score.weight" in grads[0] and grads[0]["score.weight"].shape[0] == 3
     for other in grads[1:]:
         for name, value in grads[0].items():
@@ -126,10 +126,10 @@ def test_k_head_model_trains_from_config_and_reloads_in_plain_transformers(tmp_p
     result = train(_cfg(tmp_path, model={"heads": 3}, loss={"name": "r3m", "lam": 0.5}), "reward")
     assert result.model.config.num_labels == 3
     assert "eval/reward_std" in result.metrics and result.metrics["eval/reward_std"] > 0
-    assert result.trainer.objective.outliers.delta.shape == (len(result.trainer.objective.splits["train"]), 3)
+    assert result.method.objective.outliers.delta.shape == (len(result.method.objective.splits["train"]), 3)
     assert (result.run.path / "r3m_outliers.json").exists()
-    reloaded = AutoModelForSequenceClassification.from_pretrained(latest_checkpoint(result.run.checkpoints) / "model")
-    seqs = [p.chosen for p in result.trainer.objective.splits["eval"][:6]]
+    reloaded = AutoModelForSequenceClassification.from_pretrained(result.run.path / "model")
+    seqs = [p.chosen for p in result.method.objective.splits["eval"][:6]]
     with torch.no_grad():
         before = reward_head_scores(result.model.eval(), seqs, result.tokenizer.pad_token_id)
         after = reward_head_scores(reloaded, seqs, result.tokenizer.pad_token_id)

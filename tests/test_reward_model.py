@@ -94,12 +94,11 @@ def test_saved_reward_model_reloads_in_plain_transformers(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     from alignkit.models.logprobs import reward_scores as rewards
-    from alignkit.train.checkpoint import latest_checkpoint
 
     result, tok = _reward_run(tmp_path, {"name": "r3m", "lam": 0.5}, steps=4, flip_rate=0.3)
-    saved = latest_checkpoint(result.run.checkpoints) / "model"
+    saved = result.run.path / "model"
     reloaded = AutoModelForSequenceClassification.from_pretrained(saved)
-    pairs = result.trainer.objective.splits["eval"][:8]
+    pairs = result.method.objective.splits["eval"][:8]
     seqs = [p.chosen for p in pairs]
     with torch.no_grad():
         before, after = rewards(result.model, seqs, tok.pad_token_id), rewards(reloaded, seqs, tok.pad_token_id)

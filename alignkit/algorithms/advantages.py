@@ -19,22 +19,26 @@ ADVANTAGES = Registry("advantage estimator")
 # What an estimator returns: one advantage per completion [n_prompts, G], per token [n, T], or per
 # token with the value targets it implies ((advantages, returns), both [n, T]).
 OUTPUTS = ("completion", "token", "token_and_returns")
+OPTIONAL_INPUTS = ("batch_sum",)
 
 
 def estimate(name: str, inputs: dict, **options):
     """Call estimator `name` with the inputs it declares (its `inputs` meta), picked from `inputs` by name.
 
     The online trainer computes only what the chosen estimator declares (preferences from a judge,
-    a greedy baseline, values from a critic), then calls it here like any other.
+    a greedy baseline, values from a critic), then calls it here like any other. `batch_sum`, for
+    estimators that whiten over the whole batch, sums a tensor over every rank's share of the batch
+    (plain `torch.sum` in one process), so the statistics do not depend on the world size.
     """
     entry = ADVANTAGES.get(name)
     wanted = entry.meta["inputs"]
-    missing = [key for key in wanted if inputs.get(key) is None]
+    missing = [key for key in wanted if inputs.get(key) is None and key not in OPTIONAL_INPUTS]
     if missing:
         raise ValueError(f"advantage estimator {name!r} needs {missing}, which this run does not provide")
     keyword_only = set(entry.defaults())
     positional = [inputs[key] for key in wanted if key not in keyword_only]
-    return ADVANTAGES.call(name, *positional, **{k: inputs[k] for k in wanted if k in keyword_only}, **options)
+    keywords = {k: inputs[k] for k in wanted if k in keyword_only and inputs.get(k) is not None}
+    return ADVANTAGES.call(name, *positional, **keywords, **options)
 
 
 def _check_groups(rewards: Tensor, minimum: int = 1) -> None:
@@ -78,13 +82,15 @@ def remax(rewards: Tensor, *, baseline: Tensor) -> Tensor:
 
 @ADVANTAGES.register("reinforce_pp_baseline", summary="r - group mean, then whitened over the whole batch",
                      paper="Hu et al. 2025, arXiv 2501.03262",
-                     inputs=("rewards", "lengths"), output="completion")
-def reinforce_pp_baseline(rewards: Tensor, *, lengths: Tensor | None = None, eps: float = 1e-8) -> Tensor:
+                     inputs=("rewards", "lengths", "batch_sum"), output="completion")
+def reinforce_pp_baseline(rewards: Tensor, *, lengths: Tensor | None = None, eps: float = 1e-8,
+                          batch_sum=None) -> Tensor:
     """Whitening is over every valid token of the batch: each completion counts `lengths` times."""
+    total = batch_sum or torch.sum
     centred = dr_grpo(rewards)
     weights = torch.ones_like(centred) if lengths is None else lengths.to(centred.dtype)
-    mean = (centred * weights).sum() / weights.sum()
-    var = ((centred - mean) ** 2 * weights).sum() / weights.sum()
+    mean = total(centred * weights) / total(weights)
+    var = total((centred - mean) ** 2 * weights) / total(weights)
     return (centred - mean) / (var.sqrt() + eps)
 
 
@@ -145,8 +151,10 @@ def gae(token_rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1
 
 
 @ADVANTAGES.register("reinforce_pp", summary="discounted token returns, whitened over the whole batch",
-                     paper="Hu et al. 2025, arXiv 2501.03262", inputs=("token_rewards", "mask"), output="token")
-def reinforce_pp(token_rewards: Tensor, mask: Tensor, *, gamma: float = 1.0, eps: float = 1e-8) -> Tensor:
+                     paper="Hu et al. 2025, arXiv 2501.03262", inputs=("token_rewards", "mask", "batch_sum"),
+                     output="token")
+def reinforce_pp(token_rewards: Tensor, mask: Tensor, *, gamma: float = 1.0, eps: float = 1e-8,
+                 batch_sum=None) -> Tensor:
     """G_t = sum_{s>=t} gamma^(s-t) r_s, then (G_t - mean) / std over every valid token of the batch. No critic."""
     mask = mask.to(token_rewards.dtype)
     returns = torch.zeros_like(token_rewards)
@@ -154,7 +162,8 @@ def reinforce_pp(token_rewards: Tensor, mask: Tensor, *, gamma: float = 1.0, eps
     for t in reversed(range(token_rewards.shape[1])):
         running = (token_rewards[:, t] + gamma * running) * mask[:, t]
         returns[:, t] = running
-    count = mask.sum()
-    mean = (returns * mask).sum() / count
-    var = ((returns - mean) ** 2 * mask).sum() / count
+    total = batch_sum or torch.sum
+    count = total(mask)
+    mean = total(returns * mask) / count
+    var = total((returns - mean) ** 2 * mask) / count
     return (returns - mean) / (var.sqrt() + eps) * mask

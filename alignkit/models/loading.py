@@ -21,7 +21,8 @@ class ModelConfig:
 
     name: str = "tiny"
     tokenizer: str | None = None
-    dtype: str = "float32"
+    dtype: str = "float32"     # weights as stored and trained; train.precision=bf16 keeps fp32 masters instead
+    attn_implementation: str = "sdpa"   # or "eager", "flash_attention_2" (where installed), ...
     trust_remote_code: bool = False
     revision: str | None = None
     gguf_file: str | None = None
@@ -81,16 +82,16 @@ def load_model_and_tokenizer(cfg: ModelConfig, head: str = "causal_lm"):
 
 
 def resolve_model_path(name: str) -> str:
-    """The model folder for a run directory (its latest checkpoint) or a checkpoint; other names unchanged."""
-    from alignkit.train.checkpoint import latest_checkpoint
+    """The final model folder of a run directory (`RUN_DIR/model`); other names unchanged.
 
+    Checkpoints hold sharded training state, not a model folder: a run that has not finished has no
+    model to load yet (`alignkit.train.checkpoint.restore_weights` reads a checkpoint into a model)."""
     folder = Path(name)
-    if (folder / "checkpoints").is_dir():
-        latest = latest_checkpoint(folder / "checkpoints")
-        if latest is None:
-            raise ModelLoadError(f"run {name} has no complete checkpoint")
-        folder = latest
-    if (folder / "model").is_dir():
+    if (folder / "checkpoints").is_dir() or (folder / "config.yaml").exists():
+        if not (folder / "model").is_dir():
+            raise ModelLoadError(f"run {name} has no final model yet ({folder / 'model'} is written when "
+                                 "training ends); resume it, or read a checkpoint with "
+                                 "alignkit.train.checkpoint.restore_weights")
         folder = folder / "model"
     return str(folder) if folder.exists() else name
 
@@ -111,12 +112,15 @@ def with_lora(model, options: dict, head: str = "causal_lm"):
 
 
 def _load(cfg: ModelConfig, head: str):
-    if cfg.name == "tiny":
-        model, tokenizer = tiny_model_and_tokenizer(cfg.tiny)
-        return HEADS[head][1](model, cfg), tokenizer
     if cfg.dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
-    options = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    if cfg.name == "tiny":
+        model, tokenizer = tiny_model_and_tokenizer(cfg.tiny)
+        model.set_attn_implementation(cfg.attn_implementation)
+        model = HEADS[head][1](model, cfg)
+        return (model.to(DTYPES[cfg.dtype]) if cfg.dtype != "auto" else model), tokenizer
+    options = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
+                   attn_implementation=cfg.attn_implementation)
     if cfg.gguf_file:
         options["gguf_file"] = cfg.gguf_file
     try:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from alignkit.data.tokenize import Encoded, collate
+from alignkit.distributed import forward_call
 
 CHUNK_BYTES = 4 * 2**20  # float32 logits held at once per chunk
 
@@ -95,7 +96,11 @@ def token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     parts = _base_and_head(model)
     if parts is None:
         return naive_token_logprobs(model, input_ids, attention_mask, score_mask)
-    base, head = parts
+    return forward_call(model, _head_logprobs, *parts, input_ids, attention_mask, score_mask)
+
+
+def _head_logprobs(base: nn.Module, head: nn.Linear, input_ids: Tensor, attention_mask: Tensor,
+                   score_mask: Tensor) -> Tensor:
     hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     scored = score_mask[:, 1:].bool()
     rows, _ = _TokenLogprob.apply(hidden[:, :-1][scored], head.weight, head.bias, input_ids[:, 1:][scored])
@@ -165,6 +170,12 @@ def policy_outputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     gradient) by default, or in one piece when the entropy needs a gradient. The value of token t is
     read from the hidden state that predicts it (the state before the token).
     """
+    logprobs, entropy, values = forward_call(model, _policy_outputs, model, input_ids, attention_mask, score_mask,
+                                             temperature, entropy_grad, value_head)
+    return PolicyOutputs(logprobs, entropy, values)
+
+
+def _policy_outputs(model, input_ids, attention_mask, score_mask, temperature, entropy_grad, value_head):
     parts = _base_and_head(model)
     scored = score_mask[:, 1:].bool()
     targets = input_ids[:, 1:][scored]
@@ -185,5 +196,5 @@ def policy_outputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
         logprobs, entropy = _TokenLogprob.apply(hidden / temperature, head.weight, bias, targets, True)
     values = value_head(hidden).squeeze(-1).float() if value_head is not None else None
     shape = input_ids.shape
-    return PolicyOutputs(_scatter(logprobs, scored, shape), _scatter(entropy, scored, shape),
-                         None if values is None else _scatter(values, scored, shape))
+    return (_scatter(logprobs, scored, shape), _scatter(entropy, scored, shape),
+            None if values is None else _scatter(values, scored, shape))

@@ -280,11 +280,17 @@ class PreferenceModel(nn.Module):
         with torch.autocast(h.device.type, enabled=False):
             self.head.accumulate(h)
 
-    def save_pretrained(self, path: str | Path, safe_serialization: bool = True, **kwargs) -> None:
+    def save_pretrained(self, path: str | Path, safe_serialization: bool = True, state_dict: dict | None = None,
+                        **kwargs) -> None:
+        """The backbone as a plain transformers folder, the head beside it; `state_dict` (the whole model's,
+        e.g. gathered from FSDP2 shards) replaces the live weights."""
         path = Path(path)
-        self.backbone.save_pretrained(path, safe_serialization=safe_serialization, **kwargs)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
-        save_file(state, path / HEAD_FILE)
+        state_dict = state_dict if state_dict is not None else self.state_dict()
+        parts = {name: {k[len(name) + 1:]: v for k, v in state_dict.items() if k.startswith(f"{name}.")}
+                 for name in ("backbone", "head")}
+        self.backbone.save_pretrained(path, safe_serialization=safe_serialization, state_dict=parts["backbone"],
+                                      **kwargs)
+        save_file({k: v.detach().contiguous().cpu() for k, v in parts["head"].items()}, path / HEAD_FILE)
         (path / CONFIG_FILE).write_text(json.dumps(asdict(self.pairwise), indent=2) + "\n")
 
     @classmethod

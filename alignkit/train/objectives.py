@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from alignkit import distributed
 from alignkit.algorithms import (
     PAIRWISE_LOSSES,
     PREFERENCE_LOSSES,
@@ -87,11 +88,12 @@ class RunningShift:
         self.pending.append(rewards.detach().float().cpu())
 
     def end_step(self) -> None:
-        if self.pending:
-            seen = torch.cat(self.pending)
-            self.total += seen.sum().item()
-            self.count += seen.numel()
-            self.pending = []
+        """Fold in this step's rewards from every rank."""
+        seen = torch.cat(self.pending) if self.pending else torch.zeros(0)
+        step = distributed.reduce_sums({"total": seen.sum().item(), "count": seen.numel()})
+        self.total += step["total"]
+        self.count += int(step["count"])
+        self.pending = []
 
     def state_dict(self) -> dict:
         return {"total": self.total, "count": self.count}
@@ -109,13 +111,21 @@ class OutlierTable:
 
     def __init__(self, pairs: list[PairExample]):
         self.pairs, self.delta = pairs, torch.zeros(len(pairs))
+        self.pending: list[tuple[list[int], Tensor]] = []
 
     def update(self, ids: list[int], margin: Tensor, scale: float, lam: float) -> Tensor:
         delta = r3m_delta(margin, beta=scale, lam=lam)
         if self.delta.shape[1:] != delta.shape[1:]:
             self.delta = torch.zeros(len(self.pairs), *delta.shape[1:])
-        self.delta[ids] = delta.cpu()
+        self.pending.append((list(ids), delta.detach().cpu()))
         return delta
+
+    def end_step(self) -> None:
+        """Write this step's deltas from every rank into the table."""
+        for pending in distributed.gather_objects(self.pending):
+            for ids, delta in pending:
+                self.delta[ids] = delta
+        self.pending = []
 
     def write(self, run) -> dict:
         """The pairs with delta > 0, most suspicious first, to r3m_outliers.json."""
@@ -150,8 +160,9 @@ class Objective:
         return {}
 
     def end_step(self) -> None:
-        if self.shift is not None:
-            self.shift.end_step()
+        for state in (self.shift, self.outliers):
+            if state is not None:
+                state.end_step()
 
     def state_dict(self) -> dict:
         state = {}
@@ -176,24 +187,17 @@ class Objective:
 
     def after_training(self, model, micro_batches) -> dict:
         """Called once after the last step, before the final evaluation and save, with no gradient
-        and the model in eval mode; `micro_batches` yields the training split. Returns metrics."""
+        and the model in eval mode; `micro_batches` yields this rank's share of the training split as
+        (micro-batch, real): a batch that is not real only keeps the ranks in step. Returns metrics."""
         return {}
 
     @torch.no_grad()
-    def compute_reference(self, model, split: str, batch_size: int) -> Tensor:
-        """Reference log-probs for every example of a split: [n_examples, sequences per example]."""
+    def compute_reference(self, model, split: str, ids: list[int]) -> Tensor:
+        """Reference log-probs of examples `ids` of a split: [len(ids), sequences per example]."""
         examples = self.splits[split]
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
-        out = None
-        for start in range(0, len(order), batch_size):
-            ids = order[start:start + batch_size]
-            seqs = [s for i in ids for s in self.reference_sequences(examples[i])]
-            lp, _ = completion_logprobs(model, seqs, self.pad_id)
-            lp = lp.view(len(ids), -1).cpu()
-            if out is None:
-                out = torch.zeros(len(examples), lp.shape[1])
-            out[ids] = lp
-        return out
+        seqs = [s for i in ids for s in self.reference_sequences(examples[i])]
+        lp, _ = completion_logprobs(model, seqs, self.pad_id)
+        return lp.view(len(ids), -1).float().cpu()
 
 
 @OBJECTIVES.register("sft", summary="negative log-likelihood of demonstrations")
@@ -274,9 +278,12 @@ class UnpairedObjective(Objective):
 
     @torch.no_grad()
     def _kl_point(self, model, examples: list, split: str) -> Tensor:
+        """z0 over the step's mismatched pairs, on every rank's share of the step."""
         ids = [i for i, _ in examples]
         lp, _ = completion_logprobs(model, [e.mismatched for _, e in examples], self.pad_id)
-        return kto_reference_point(lp, self.reference[split][ids, 1].to(lp.device))
+        kl = lp.float() - self.reference[split][ids, 1].to(lp.device)
+        sums = distributed.reduce_sums({"kl": float(kl.sum()), "n": len(ids)})
+        return kto_reference_point(lp.new_tensor([sums["kl"] / sums["n"]]), lp.new_zeros(1))
 
     def _stats(self, model, examples: list, split: str) -> dict:
         if self.loss_name == "kto":
@@ -374,10 +381,15 @@ class PairwiseObjective(Objective):
         if not model.head.uses_posterior:
             return {}
         model.head.reset_posterior()
+        ridge = model.head.precision.clone()
         seen = 0
-        for micro_batch in micro_batches:
+        for micro_batch, real in micro_batches:
             batch = collate([s for _, e in micro_batch for s in (e.forward, e.swapped)], self.pad_id)
             batch = batch.to(next(model.parameters()).device)
+            before = model.head.precision.clone()
             model.accumulate_posterior(batch.input_ids, batch.attention_mask)
-            seen += len(batch.input_ids)
-        return {"posterior/sequences": seen}
+            if not real:
+                model.head.precision.copy_(before)
+            seen += len(batch.input_ids) if real else 0
+        model.head.precision.copy_(ridge + distributed.all_reduce(model.head.precision - ridge))
+        return {"posterior/sequences": int(distributed.reduce_sums({"n": seen})["n"])}

@@ -1,15 +1,18 @@
-"""The online loop: sample prompts, generate G completions each, score, estimate advantages, update.
+"""Online RL in the loop: collect, reference pass, advantages, PPO epochs, weight sync.
 
-One step reads top to bottom in `train_step`: collect (generate + score, with DAPO dynamic
-sampling), reference pass (old / reference log-probs, critic values), advantages through the
-registry, PPO epochs over mini-batches split into micro-batches, weight sync to the rollout engine.
-Advantages are computed on whole groups before any split, and every loss term divides by constants
-of the whole mini-batch, so group statistics and gradients do not depend on the micro-batch size.
+One step reads top to bottom in `train_step`: collect (generate + score, `train/experience.py`),
+reference pass (old / reference log-probs, critic values), advantages through the registry
+(`train/signals.py`), PPO epochs over mini-batches split into micro-batches, weight sync to the
+rollout engine. Every loss term divides by constants of the whole mini-batch over all ranks
+(`Totals`), so gradients depend neither on the micro-batch size nor on the world size.
+
+Mini-batches are strided over the step's completions (completion i of the whole batch goes to
+mini-batch i mod M, the mini-batches taken in a seeded order each epoch): the split is the same at
+any world size, and every rank holds the same number of rows of each mini-batch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
@@ -22,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from alignkit.algorithms.advantages import ADVANTAGES, estimate
+from alignkit import distributed
+from alignkit.algorithms.advantages import ADVANTAGES
 from alignkit.algorithms.policy import (
     AGGREGATIONS,
     IMPORTANCE_RATIOS,
@@ -30,46 +34,34 @@ from alignkit.algorithms.policy import (
     Totals,
     clipped_surrogate,
     clipped_value_loss,
-    overlong_penalty,
     token_mean,
 )
 from alignkit.data.records import PromptRecord
 from alignkit.data.tokenize import Encoded, collate
 from alignkit.models.logprobs import policy_outputs
 from alignkit.models.value import ValueModel, value_head
-from alignkit.registry import Registry
 from alignkit.rewards.base import RewardComparison
-from alignkit.rollout import Completion, SamplingConfig
-from alignkit.train.checkpoint import load_state, restore_weights, resume_point, save_checkpoint, set_rng_state
-from alignkit.train.progress import ProgressReporter
-from alignkit.train.rundir import RunDir
-from alignkit.train.trainer import SCHEDULES, NonFiniteError, autocast
+from alignkit.rollout import SamplingConfig
+from alignkit.train import signals
+from alignkit.train.checkpoint import export_model
+from alignkit.train.experience import PREFERENCE_SIGNALS, Collector, Experience, PhaseTimer, sampling_seed
+from alignkit.train.loop import Loop
 
-PREFERENCE_SIGNALS = Registry("preference signal")
-PREFERENCE_SIGNALS.register("logit", summary="d_ij = logit P(i > j): reward differences under Bradley-Terry "
-                            "(routing paper)")(lambda p: p.logits)
-PREFERENCE_SIGNALS.register("sign", summary="d_ij = 2 P(i > j) - 1: +-1 for hard verdicts, 0 for ties "
-                            "(Think-RM binary, without its 1/length confidence)")(lambda p: 2 * p.probs - 1)
 CRITICS = ("separate", "shared")
 
 
 @dataclass
 class RLConfig:
-    steps: int = 100
-    prompts_per_step: int = 8
+    """Online-only options (`rl.*`); steps, learning rate, schedule, precision, cadence are `train.*`."""
+
+    prompts_per_step: int = 8            # over all ranks
     group_size: int = 4
     advantage: str = "grpo"
     advantage_options: dict = field(default_factory=dict)
     normalize_advantages: bool = False   # whiten over the valid tokens of the batch (PPO)
     ppo_epochs: int = 1
     mini_batches: int = 1                # optimizer steps per epoch
-    micro_batch_size: int | None = None  # completions per forward/backward; default: the mini-batch
-    lr: float = 1e-5
     critic_lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    schedule: str = "constant"
-    max_grad_norm: float = 1.0
     importance_ratio: str = "token"      # or "sequence" (GSPO)
     clip_low: float = 0.2
     clip_high: float = 0.2               # > clip_low: DAPO clip-higher
@@ -87,116 +79,62 @@ class RLConfig:
     overlong_buffer: int = 0             # DAPO overlong shaping over the last N tokens; 0: off
     overlong_coef: float = 1.0
     preference_signal: str = "logit"
-    eval_every: int = 0
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    on_nonfinite: str = "stop"           # or "skip": drop the mini-batch and go on
-    precision: str = "auto"
-    seed: int = 0
-    progress: bool = True
 
 
-@dataclass
-class Experience:
-    """One step's completions, flattened prompt-major ([P*G]), and everything computed from them."""
-
-    records: list[PromptRecord]
-    completions: list[Completion]
-    rewards: Tensor | None            # [P, G]
-    preferences: Tensor | None        # [P, G, G]
-    input_ids: Tensor = None
-    attention_mask: Tensor = None
-    mask: Tensor = None               # completion tokens, float [n, T]
-    old_logprobs: Tensor | None = None
-    ref_logprobs: Tensor | None = None
-    old_values: Tensor | None = None
-    advantages: Tensor = None
-    returns: Tensor | None = None
-
-    def __len__(self) -> int:
-        return len(self.completions)
+def make_critic(policy, cfg: RLConfig):
+    """(separate value model, shared-trunk value head): the one the estimator needs, or (None, None)."""
+    if "values" not in ADVANTAGES.get(cfg.advantage).meta["inputs"]:
+        return None, None
+    if cfg.critic == "separate":
+        return ValueModel(policy), None
+    return None, value_head(policy.config.hidden_size)
 
 
-class PhaseTimer:
-    def __init__(self):
-        self.seconds = defaultdict(float)
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str):
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] += time.perf_counter() - started
-
-
-def _pairs(g: int) -> list[tuple[int, int]]:
-    return [(i, j) for i in range(g) for j in range(i + 1, g)]
-
-
-def _whiten(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
-    count = mask.sum().clamp(min=1)
-    mean = (values * mask).sum() / count
-    std = (((values - mean) ** 2 * mask).sum() / count).sqrt()
-    return (values - mean) / (std + eps) * mask
-
-
-def _last_token(mask: Tensor) -> Tensor:
-    """One-hot [n, T] at each row's last completion token."""
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    last = (positions * mask).argmax(1)
-    return torch.nn.functional.one_hot(last, mask.shape[1]).to(mask.dtype) * (mask.sum(1, keepdim=True) > 0)
-
-
-TOKEN_ADVANTAGES = {  # estimator output kind -> (advantages [n, T], returns or None)
-    "completion": lambda out, mask: (out.reshape(-1, 1) * mask, None),
-    "token": lambda out, mask: (out * mask, None),
-    "token_and_returns": lambda out, mask: (out[0] * mask, out[1] * mask),
-}
-
-
-class OnlineTrainer:
+class OnlineMethod:
     """Online RL with any reward source or pairwise judge and any registered advantage estimator."""
 
     def __init__(self, policy, tokenizer, generator, prompts: list[Encoded], records: list[PromptRecord],
-                 cfg: RLConfig, sampling: SamplingConfig, run: RunDir, *, reward=None, judge=None,
-                 reference=None, eval_prompts: list[Encoded] = (), eval_records: list[PromptRecord] = (),
-                 eval_reward=None):
-        self.cfg, self.sampling, self.run = cfg, sampling, run
+                 cfg: RLConfig, sampling: SamplingConfig, *, steps: int, seed: int = 0, micro_batch_size=None,
+                 lr: float = 1e-5, reward=None, judge=None, reference=None, critic=None, head=None,
+                 eval_prompts: list[Encoded] = (), eval_records: list[PromptRecord] = (), eval_reward=None):
+        self.cfg, self.sampling, self.total_steps, self.seed = cfg, sampling, steps, seed
+        self.micro_batch_size, self.lr = micro_batch_size, lr
         self.policy, self.tokenizer, self.generator = policy, tokenizer, generator
-        self.prompts, self.records = list(prompts), list(records)
         self.eval_prompts, self.eval_records, self.eval_reward = list(eval_prompts), list(eval_records), eval_reward
         self.estimator = ADVANTAGES.get(cfg.advantage)
         self.wants = set(self.estimator.meta["inputs"])
         self._check(reward, judge)
         self.reward = reward
         self.judge = judge if judge is not None or "preferences" not in self.wants else RewardComparison(reward)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.policy.to(self.device)
+        self.device = distributed.device()
         self.reference = self._reference(reference)
-        self.critic, self.head = self._critic()
-        self.optimizer = self._optimizer()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.step, self.cursor, self.nonfinite_skips = 0, 0, 0
-        self.initial_metrics: dict = {}
+        self.critic, self.head = (critic, head) if critic is not None or head is not None else make_critic(policy, cfg)
+        self.collector = Collector(prompts, records, generator, sampling, cfg, reward=self.reward, judge=self.judge,
+                                   wants_preferences="preferences" in self.wants, seed=seed)
+        self.step = 0
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     # ----- set-up -----
     def _check(self, reward, judge) -> None:
-        cfg = self.cfg
+        cfg, world = self.cfg, distributed.world_size()
         for registry, name in ((AGGREGATIONS, cfg.aggregation), (KL_ESTIMATORS, cfg.kl_estimator),
                                (IMPORTANCE_RATIOS, cfg.importance_ratio),
                                (PREFERENCE_SIGNALS, cfg.preference_signal)):
             registry.get(name)
-        if cfg.schedule not in SCHEDULES:
-            raise ValueError(f"rl.schedule must be one of {sorted(SCHEDULES)}, got {cfg.schedule!r}")
-        if cfg.critic not in CRITICS or cfg.kl_in not in ("loss", "reward") or cfg.on_nonfinite not in ("stop", "skip"):
-            raise ValueError("rl.critic is separate|shared, rl.kl_in loss|reward, rl.on_nonfinite stop|skip")
+        if cfg.critic not in CRITICS or cfg.kl_in not in ("loss", "reward"):
+            raise ValueError("rl.critic is separate|shared, rl.kl_in loss|reward")
         if cfg.overlong_buffer >= self.sampling.max_new_tokens:
             raise ValueError(f"rl.overlong_buffer ({cfg.overlong_buffer}) must be smaller than "
                              f"rollout.max_new_tokens ({self.sampling.max_new_tokens})")
         if cfg.group_size < 2 and self.estimator.meta["output"] == "completion" and "baseline" not in self.wants:
             raise ValueError(f"advantage {cfg.advantage!r} compares completions of a prompt: rl.group_size >= 2")
+        if cfg.prompts_per_step % world or (world > 1 and cfg.prompts_per_step // world * cfg.group_size
+                                            % cfg.mini_batches):
+            raise ValueError(f"rl.prompts_per_step ({cfg.prompts_per_step}) must split evenly over {world} ranks, "
+                             "and each rank's completions evenly into rl.mini_batches")
+        if cfg.dynamic_sampling and world > 1:
+            raise ValueError("rl.dynamic_sampling runs in one process only for now (ranks would keep different "
+                             "numbers of groups)")
         if "preferences" in self.wants:
             if reward is None and judge is None:
                 raise ValueError(f"advantage {cfg.advantage!r} needs a pairwise judge (or a reward source)")
@@ -211,127 +149,37 @@ class OnlineTrainer:
         reference = reference if reference is not None else copy.deepcopy(self.policy)
         return reference.to(self.device).eval().requires_grad_(False)
 
-    def _critic(self):
-        if "values" not in self.wants:
-            return None, None
-        if self.cfg.critic == "separate":
-            return ValueModel(self.policy).to(self.device), None
-        return None, value_head(self.policy.config.hidden_size).to(self.device)
+    def modules(self) -> dict:
+        critic = self.critic or self.head
+        return {"policy": self.policy, **({"critic": critic} if critic is not None else {})}
 
-    def _optimizer(self) -> torch.optim.Optimizer:
-        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": self.cfg.lr}]
+    def param_groups(self) -> list[dict]:
+        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad], "lr": self.lr}]
         critic = self.critic or self.head
         if critic is not None:
             groups.append({"params": list(critic.parameters()), "lr": self.cfg.critic_lr})
-        return torch.optim.AdamW(groups, weight_decay=self.cfg.weight_decay)
+        return groups
 
-    def _lr_factor(self, step: int) -> float:
-        if step < self.cfg.warmup_steps:
-            return (step + 1) / self.cfg.warmup_steps
-        span = max(1, self.cfg.steps - self.cfg.warmup_steps)
-        return SCHEDULES[self.cfg.schedule](min(1.0, (step - self.cfg.warmup_steps) / span))
-
-    def _autocast(self):
-        return autocast(self.cfg.precision, self.device)
-
-    # ----- collect: generate and score, with dynamic sampling -----
-    def _next_prompts(self, n: int) -> list[int]:
-        """The next `n` prompt indices of a seeded shuffled stream; the cursor is checkpointed."""
-        out = []
-        while len(out) < n:
-            epoch, offset = divmod(self.cursor, len(self.prompts))
-            order = list(range(len(self.prompts)))
-            random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
-            take = order[offset:offset + n - len(out)]
-            out += take
-            self.cursor += len(take)
-        return out
-
-    def _seed(self, salt: int) -> int:
-        """The sampling seed of this step: a function of (seed, step), so a resumed run samples the same."""
-        return self.cfg.seed * 7919 + self.step * 131 + salt
-
-    def _generate(self, prompts: list[list[int]], sampling: SamplingConfig, seed: int) -> list[Completion]:
-        was_training = self.policy.training
-        self.policy.eval()
-        try:
-            return self.generator.generate(prompts, sampling, seed=seed)
-        finally:
-            self.policy.train(was_training)
-
-    def _score(self, records: list[PromptRecord], completions: list[Completion]) -> Tensor:
-        prompts = [r.prompt for r in records]
-        scores = self.reward.score(prompts, [c.text for c in completions], [r.reference for r in records])
-        values = scores.values.float().cpu()
-        if self.cfg.overlong_buffer:
-            lengths = torch.tensor([len(c) for c in completions])
-            values = values + self.cfg.overlong_coef * overlong_penalty(
-                lengths, self.sampling.max_new_tokens, self.cfg.overlong_buffer)
-        return values
-
-    def _judge(self, records: list[PromptRecord], completions: list[Completion], g: int) -> Tensor:
-        """Skew-symmetric [P, G, G]: one judge call per unordered pair, d_ji = -d_ij."""
-        pairs = _pairs(g)
-        prompts, a, b = [], [], []
-        for p, record in enumerate(records[::g]):
-            for i, j in pairs:
-                prompts.append(record.prompt)
-                a.append(completions[p * g + i].text)
-                b.append(completions[p * g + j].text)
-        signal = PREFERENCE_SIGNALS.get(self.cfg.preference_signal).fn(self.judge.compare(prompts, a, b)).float()
-        d = torch.zeros(len(records) // g, g, g)
-        rows = torch.arange(len(records) // g).repeat_interleave(len(pairs))
-        first = torch.tensor([i for i, _ in pairs]).repeat(len(records) // g)
-        second = torch.tensor([j for _, j in pairs]).repeat(len(records) // g)
-        d[rows, first, second] = signal.cpu()
-        d[rows, second, first] = -signal.cpu()
-        return d
-
-    def collect(self, timer: PhaseTimer) -> tuple[Experience, dict]:
-        g, wanted = self.cfg.group_size, self.cfg.prompts_per_step
-        kept_records, kept_completions, kept_signal = [], [], []
-        rounds, seen, flat = 0, 0, 0
-        while len(kept_signal) < wanted and rounds < (self.cfg.max_sampling_rounds if self.cfg.dynamic_sampling else 1):
-            ids = self._next_prompts(wanted - len(kept_signal))
-            records = [self.records[i] for i in ids for _ in range(g)]
-            with timer("generate"):
-                completions = self._generate([self.prompts[i].prompt for i in ids for _ in range(g)],
-                                             self.sampling, self._seed(rounds))
-            with timer("score"):
-                signal = (self._judge(records, completions, g) if "preferences" in self.wants
-                          else self._score(records, completions).view(-1, g))
-            varies = (signal.flatten(1).amax(1) - signal.flatten(1).amin(1)) > 0
-            flat += int((~varies).sum())
-            seen += len(ids)
-            for p in range(len(ids)):
-                if varies[p] or not self.cfg.dynamic_sampling:
-                    kept_records += records[p * g:(p + 1) * g]
-                    kept_completions += completions[p * g:(p + 1) * g]
-                    kept_signal.append(signal[p])
-            rounds += 1
-        stacked = torch.stack(kept_signal) if kept_signal else None
-        experience = Experience(kept_records, kept_completions,
-                                None if "preferences" in self.wants else stacked,
-                                stacked if "preferences" in self.wants else None)
-        return experience, {"zero_variance_groups": flat / max(seen, 1), "sampling_rounds": rounds,
-                            "groups": len(kept_signal)}
+    def prepare(self, loop: Loop, resuming: bool) -> None:
+        if resuming:
+            self.generator.sync_weights(self.policy)
 
     # ----- reference pass: old and reference log-probs, critic values -----
     def _micro(self, n: int) -> int:
-        return self.cfg.micro_batch_size or max(1, math.ceil(n / self.cfg.mini_batches))
+        return self.micro_batch_size or max(1, math.ceil(n / self.cfg.mini_batches))
 
     def _updates_per_step(self) -> int:
         return self.cfg.ppo_epochs * self.cfg.mini_batches
 
     @torch.no_grad()
-    def _token_pass(self, exp: Experience, fn) -> Tensor:
+    def _token_pass(self, exp: Experience, fn, loop: Loop) -> Tensor:
         parts = []
         for rows in torch.arange(len(exp)).split(self._micro(len(exp))):
-            with self._autocast():
+            with loop.autocast():
                 parts.append(fn(exp.input_ids[rows], exp.attention_mask[rows], exp.mask[rows]).float())
         return torch.cat(parts)
 
-    def prepare(self, exp: Experience) -> None:
+    def reference_pass(self, exp: Experience, loop: Loop) -> None:
         encoded = [Encoded(c.prompt_ids, c.token_ids) for c in exp.completions]
         batch = collate(encoded, self.pad_id).to(self.device)
         exp.input_ids, exp.attention_mask, exp.mask = batch.input_ids, batch.attention_mask, batch.score_mask.float()
@@ -343,54 +191,32 @@ class OnlineTrainer:
         needs_old = self._updates_per_step() > 1 or (self.cfg.kl_coef and self.cfg.kl_in == "reward")
         self.policy.eval()
         if needs_old:
-            exp.old_logprobs = self._token_pass(exp, logprobs_of(self.policy))
+            exp.old_logprobs = self._token_pass(exp, logprobs_of(self.policy), loop)
         if self.reference is not None:
-            exp.ref_logprobs = self._token_pass(exp, logprobs_of(self.reference))
+            exp.ref_logprobs = self._token_pass(exp, logprobs_of(self.reference), loop)
         if self.critic is not None:
-            exp.old_values = self._token_pass(exp, self.critic)
+            exp.old_values = self._token_pass(exp, self.critic, loop)
         elif self.head is not None:
             exp.old_values = self._token_pass(exp, lambda ids, att, mask: policy_outputs(
-                self.policy, ids, att, mask, temperature=temperature, value_head=self.head).values)
+                self.policy, ids, att, mask, temperature=temperature, value_head=self.head).values, loop)
         self.policy.train()
-
-    # ----- advantages, always through the registry -----
-    def _kl_reward(self, exp: Experience) -> Tensor | None:
-        if not (self.cfg.kl_coef and self.cfg.kl_in == "reward"):
-            return None
-        return self.cfg.kl_coef * (exp.old_logprobs - exp.ref_logprobs) * exp.mask  # k1 per token
 
     def _baseline(self, exp: Experience) -> Tensor:
         """ReMax: the reward of the policy's greedy completion of each prompt."""
         g = self.cfg.group_size
         greedy = dataclasses.replace(self.sampling, temperature=0.0)
-        records = exp.records[::g]
-        completions = self._generate([c.prompt_ids for c in exp.completions[::g]], greedy, self._seed(9999))
-        return self._score(records, completions)
+        completions = self.collector.generate(self.policy, [c.prompt_ids for c in exp.completions[::g]], greedy,
+                                              [0] * (len(exp) // g))
+        return self.collector.score(exp.records[::g], completions)
 
     def advantages(self, exp: Experience) -> None:
-        kl = self._kl_reward(exp)
-        g = self.cfg.group_size
-        inputs = {"preferences": exp.preferences, "mask": exp.mask, "values": exp.old_values}
-        if exp.rewards is not None:
-            rewards = exp.rewards.to(self.device)
-            token_rewards = _last_token(exp.mask) * rewards.reshape(-1, 1)
-            if kl is not None:
-                rewards = rewards - kl.sum(1).view(-1, g)
-                token_rewards = token_rewards - kl
-            lengths = exp.mask.sum(1).view(-1, g)
-            inputs.update(rewards=rewards, token_rewards=token_rewards, lengths=lengths)
-        if "baseline" in self.wants:
-            inputs["baseline"] = self._baseline(exp).to(self.device)
-        out = estimate(self.cfg.advantage, inputs, **self.cfg.advantage_options)
-        exp.advantages, exp.returns = TOKEN_ADVANTAGES[self.estimator.meta["output"]](out, exp.mask)
-        if self.cfg.normalize_advantages:
-            exp.advantages = _whiten(exp.advantages, exp.mask)
+        signals.advantages(exp, self.cfg, self.estimator.meta["output"], self.wants, self._baseline)
 
-    # ----- update -----
-    def micro_loss(self, exp: Experience, rows: Tensor, totals: Totals, sums: dict) -> Tensor:
+    # ----- update: the loss of one micro-batch -----
+    def micro_loss(self, exp: Experience, rows: Tensor, totals: Totals, sums: dict, loop: Loop) -> Tensor:
         cfg, mask = self.cfg, exp.mask[rows]
         aggregate = AGGREGATIONS.get(cfg.aggregation).fn
-        with self._autocast():
+        with loop.autocast():
             out = policy_outputs(self.policy, exp.input_ids[rows], exp.attention_mask[rows], exp.mask[rows],
                                  temperature=self.sampling.temperature or 1.0, entropy_grad=cfg.entropy_coef > 0,
                                  value_head=self.head)
@@ -414,86 +240,82 @@ class OnlineTrainer:
                                                        clip=cfg.value_clip), mask, totals)
             loss = loss + cfg.value_coef * value_loss
             sums["value_loss"] += float(value_loss.detach())
+        ratio = terms.ratio.detach() * mask
         sums["policy_loss"] += float(policy_loss.detach())
         sums["entropy"] += float((out.entropy.detach() * mask).sum())
         sums["clipped"] += float(terms.clipped.sum())
         sums["dual_clipped"] += float(terms.dual_clipped.sum())
-        sums["ratio"] += float((terms.ratio * mask).sum())
-        sums["ratio_max"] = max(sums["ratio_max"], float((terms.ratio * mask).max()))
+        sums["ratio"] += float(ratio.sum())
+        sums["ratio_max"] = max(sums["ratio_max"], float(ratio.max()))
         sums["ratio_min"] = min(sums.get("ratio_min", math.inf), float(terms.ratio[mask.bool()].min()))
         return loss
 
-    def _clip_and_step(self) -> float:
-        clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
-        norms = [torch.nn.utils.clip_grad_norm_([p for p in group["params"] if p.grad is not None], clip)
-                 for group in self.optimizer.param_groups]
-        policy_norm = float(norms[0])
-        if not all(math.isfinite(float(n)) for n in norms):
-            raise FloatingPointError("gradient norm")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return policy_norm
+    def mini_batches(self, n: int, epoch: int) -> list[Tensor]:
+        """This rank's rows of each mini-batch, in the epoch's seeded order (see the module docstring)."""
+        m = self.cfg.mini_batches
+        global_rows = torch.arange(n) + distributed.rank() * n
+        order = list(range(m))
+        random.Random((self.seed * 1_000_003 + self.step) * 101 + epoch).shuffle(order)
+        return [torch.nonzero(global_rows % m == k).flatten() for k in order]
 
-    def update(self, exp: Experience) -> dict:
+    def _totals(self, exp: Experience, rows: Tensor) -> Totals:
+        local = Totals.of(exp.mask[rows], self.sampling.max_new_tokens)
+        sums = distributed.reduce_sums({"tokens": local.tokens, "sequences": local.sequences})
+        return Totals(int(sums["tokens"]), int(sums["sequences"]), local.max_length)
+
+    def update(self, exp: Experience, loop: Loop) -> dict:
         sums, grad_norms = defaultdict(float), []
-        n, generator = len(exp), torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
-        for _ in range(self.cfg.ppo_epochs):
-            order = torch.randperm(n, generator=generator)
-            for mini in order.chunk(self.cfg.mini_batches):
-                totals = Totals.of(exp.mask[mini], self.sampling.max_new_tokens)
-                try:
-                    for rows in mini.split(self._micro(n)):
-                        loss = self.micro_loss(exp, rows, totals, sums)
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError("loss")
-                        loss.backward()
-                    grad_norms.append(self._clip_and_step())
-                except FloatingPointError as err:
-                    self._nonfinite(str(err))
-        self.scheduler.step()
-        tokens = float(exp.mask.sum()) * self.cfg.ppo_epochs
+        for epoch in range(self.cfg.ppo_epochs):
+            for mini in self.mini_batches(len(exp), epoch):
+                totals = self._totals(exp, mini)
+                for rows in mini.split(self._micro(len(exp))):
+                    loop.backward(self.micro_loss(exp, rows, totals, sums, loop))
+                grad_norms.append(loop.apply_gradients())
+        return self._update_metrics(exp, sums, grad_norms)
+
+    def _update_metrics(self, exp: Experience, sums: dict, grad_norms: list[float]) -> dict:
+        extremes = torch.tensor([sums["ratio_max"], -sums.get("ratio_min", 1.0)])
+        ratio_max, neg_min = distributed.all_reduce(extremes, "max").tolist()
+        sums = distributed.reduce_sums({**{k: v for k, v in sums.items() if not k.startswith("ratio_m")},
+                                        "tokens": float(exp.mask.sum())})
+        tokens = sums["tokens"] * self.cfg.ppo_epochs
         out = {"loss/policy": sums["policy_loss"] / self._updates_per_step(),
                "entropy": sums["entropy"] / tokens, "clip_fraction": sums["clipped"] / tokens,
                "dual_clip_fraction": sums["dual_clipped"] / tokens, "ratio/mean": sums["ratio"] / tokens,
-               "ratio/max": sums["ratio_max"], "ratio/min": sums.get("ratio_min", 1.0),
-               "grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "lr": self.scheduler.get_last_lr()[0]}
+               "ratio/max": ratio_max, "ratio/min": -neg_min,
+               "grad_norm": sum(grad_norms) / max(len(grad_norms), 1)}
         if self.reference is not None:
             out["kl"] = sums["kl"] / tokens
         if exp.old_values is not None:
             out["loss/value"] = sums["value_loss"] / self._updates_per_step()
         return out
 
-    def _nonfinite(self, what: str) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        where = f"non-finite {what} at RL step {self.step + 1}"
-        if self.cfg.on_nonfinite == "skip" and self.nonfinite_skips < 10:
-            self.nonfinite_skips += 1
-            self.run.log({"step": self.step + 1, "event": "skipped_nonfinite", "detail": where})
-            return
-        saved = self.save()
-        raise NonFiniteError(f"{where}; the last good weights are saved in {saved}. "
-                             "Lower rl.lr, check the reward, or set rl.on_nonfinite=skip.")
-
     # ----- one step -----
-    def train_step(self) -> dict:
+    def collect(self, timer: PhaseTimer) -> tuple[Experience, dict]:
+        return self.collector.collect(self.policy, self.step, timer)
+
+    def train_step(self, loop: Loop) -> dict:
+        self.step = loop.step
         timer, started = PhaseTimer(), time.perf_counter()
         counts = self._source_counts()
         exp, sampling = self.collect(timer)
         if exp.rewards is None and exp.preferences is None:
-            self.run.log({"step": self.step + 1, "event": "no_varied_groups"})
+            loop.log({"step": self.step + 1, "event": "no_varied_groups"})
             return {**sampling, **self._phase_metrics(timer, started, 0)}
         with timer("reference"):
-            self.prepare(exp)
+            self.reference_pass(exp, loop)
         with timer("advantage"):
             self.advantages(exp)
         with timer("update"):
-            metrics = self.update(exp)
+            metrics = self.update(exp, loop)
         with timer("sync"):
             self.generator.sync_weights(self.policy)
         metrics.update(sampling)
         metrics.update(self._signal_metrics(exp))
-        metrics.update({key: value - counts[key] for key, value in self._source_counts().items()})
-        metrics.update(self._phase_metrics(timer, started, int(sum(len(c) for c in exp.completions))))
+        now = self._source_counts()
+        metrics.update(distributed.reduce_sums({key: value - counts[key] for key, value in now.items()}))
+        tokens = distributed.reduce_sums({"n": sum(len(c) for c in exp.completions)})["n"]
+        metrics.update(self._phase_metrics(timer, started, int(tokens)))
         return metrics
 
     def _source_counts(self) -> dict:
@@ -503,18 +325,20 @@ class OnlineTrainer:
         return {f"{kind}/calls": stats.calls, f"{kind}/items": stats.items, f"{kind}/failures": stats.failures}
 
     def _signal_metrics(self, exp: Experience) -> dict:
-        lengths = exp.mask.sum(1)
-        valid = exp.advantages[exp.mask.bool()]
+        lengths = _everyone(exp.mask.sum(1))
+        valid = _everyone(exp.advantages[exp.mask.bool()])
+        truncated = _everyone(torch.tensor([float(c.finish_reason == "length") for c in exp.completions]))
         out = {"response_length/mean": float(lengths.mean()), "response_length/max": float(lengths.max()),
-               "truncated": sum(c.finish_reason == "length" for c in exp.completions) / len(exp),
+               "truncated": float(truncated.mean()),
                "advantage/mean": float(valid.mean()), "advantage/std": float(valid.std()) if len(valid) > 1 else 0.0,
                "advantage/min": float(valid.min()), "advantage/max": float(valid.max())}
         if exp.rewards is not None:
-            out.update({"reward/mean": float(exp.rewards.mean()), "reward/std": float(exp.rewards.std())})
+            rewards = _everyone(exp.rewards)
+            out.update({"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std())})
         if exp.preferences is not None:
-            out["preference/abs_mean"] = float(exp.preferences.abs().mean())
+            out["preference/abs_mean"] = float(_everyone(exp.preferences).abs().mean())
         if hasattr(self.judge, "metrics"):  # the router: strong-judge calls and their share, cumulative
-            out.update(self.judge.metrics("router"))
+            out.update(distributed.reduce_sums(self.judge.metrics("router")))
         return out
 
     @staticmethod
@@ -525,71 +349,56 @@ class OnlineTrainer:
         return out
 
     # ----- evaluation: held-out prompts, greedy and sampled, scored by the eval reward -----
-    def _eval_reward_of(self, sampling: SamplingConfig, seed: int) -> tuple[float, float]:
-        completions = self._generate([e.prompt for e in self.eval_prompts], sampling, seed)
-        scores = self.eval_reward.score([r.prompt for r in self.eval_records], [c.text for c in completions],
-                                        [r.reference for r in self.eval_records])
-        return float(scores.values.float().mean()), sum(len(c) for c in completions) / len(completions)
+    def _eval_reward_of(self, sampling: SamplingConfig, salt: int) -> tuple[float, float]:
+        n = len(self.eval_prompts)
+        positions = _padded_share(n)
+        seeds = [sampling_seed(self.seed, 0, salt, k) for k in positions]
+        completions = self.collector.generate(self.policy, [self.eval_prompts[k % n].prompt for k in positions],
+                                              sampling, seeds)
+        real = [(k, c) for k, c in zip(positions, completions, strict=True) if k < n]
+        scores = self.eval_reward.score([self.eval_records[k].prompt for k, _ in real], [c.text for _, c in real],
+                                        [self.eval_records[k].reference for k, _ in real]) if real else None
+        sums = distributed.reduce_sums({"reward": float(scores.values.float().sum()) if real else 0.0,
+                                        "length": float(sum(len(c) for _, c in real))})
+        return sums["reward"] / n, sums["length"] / n
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self, loop: Loop | None = None) -> dict:
         """Mean eval reward of greedy completions, and of one sample per prompt at the training temperature
         (seeded the same at every evaluation)."""
         if not self.eval_prompts or self.eval_reward is None:
             return {}
-        greedy, length = self._eval_reward_of(dataclasses.replace(self.sampling, temperature=0.0), 0)
-        sampled, _ = self._eval_reward_of(self.sampling, self.cfg.seed * 7919 - 2)
+        greedy, length = self._eval_reward_of(dataclasses.replace(self.sampling, temperature=0.0), 1)
+        sampled, _ = self._eval_reward_of(self.sampling, 2)
         return {"eval/reward": greedy, "eval/sampled_reward": sampled, "eval/response_length": length}
 
-    # ----- checkpoints -----
-    def _state(self) -> dict:
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "cursor": self.cursor, "nonfinite_skips": self.nonfinite_skips}
-        for name, part in (("critic", self.critic), ("head", self.head), ("reward", self.reward),
-                           ("judge", self.judge)):
+    def after_training(self, loop: Loop) -> dict:
+        return {}
+
+    # ----- state -----
+    def state_dict(self) -> dict:
+        state = {"cursor": self.collector.cursor}
+        for name, part in (("reward", self.reward), ("judge", self.judge)):
             if part is not None and hasattr(part, "state_dict"):
                 state[name] = part.state_dict()
         return state
 
-    def save(self) -> Path:
-        return save_checkpoint(self.run.checkpoints, self.step, self.policy, self.tokenizer, self._state(),
-                               keep=self.cfg.keep_checkpoints)
-
-    def _restore(self, checkpoint: Path) -> None:
-        restore_weights(self.policy, checkpoint)
-        state = load_state(checkpoint)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        for name in ("critic", "head", "reward", "judge"):
+    def load_state_dict(self, state: dict) -> None:
+        self.collector.cursor = state["cursor"]
+        for name in ("reward", "judge"):
             if name in state:
                 getattr(self, name).load_state_dict(state[name])
-        self.cursor, self.nonfinite_skips, self.step = state["cursor"], state["nonfinite_skips"], state["step"]
-        set_rng_state(state["rng"])
-        self.run.truncate_metrics(self.step)
-        self.generator.sync_weights(self.policy)
 
-    # ----- the loop -----
-    def fit(self, resume: bool = False) -> dict:
-        checkpoint = resume_point(self.run.checkpoints, resume)
-        if checkpoint is not None:
-            self._restore(checkpoint)
-        else:
-            self.initial_metrics = self.evaluate()
-            self.run.log({"step": 0, **self.initial_metrics})
-        progress = ProgressReporter(self.cfg.steps, self.run.path.name, start=self.step, enabled=self.cfg.progress)
-        try:
-            while self.step < self.cfg.steps:
-                metrics = self.train_step()
-                self.step += 1
-                self.run.log({"step": self.step, **{f"train/{k}": v for k, v in metrics.items()}})
-                if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.cfg.steps:
-                    self.run.log({"step": self.step, **self.evaluate()})
-                if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
-                    self.save()
-                progress.update(self.step, metrics)
-        finally:
-            progress.close()
-        final = self.evaluate()
-        self.run.log({"step": self.step, **final})
-        self.save()
-        return final
+    def export(self, path: Path, loop: Loop) -> None:
+        export_model(self.policy, self.tokenizer, path)
+
+
+def _everyone(values: Tensor) -> Tensor:
+    """`values` of every rank, flattened and concatenated (for metrics)."""
+    return torch.cat([v.flatten() for v in distributed.gather_objects(values.detach().float().cpu())])
+
+
+def _padded_share(n: int) -> list[int]:
+    """This rank's positions of n items padded to a multiple of the world size (positions >= n are padding)."""
+    world = distributed.world_size()
+    return distributed.shard_of(list(range(-(-n // world) * world)))

@@ -9,6 +9,9 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from alignkit import distributed
 from alignkit.algorithms import PREFERENCE_LOSSES, UNPAIRED_LOSSES
 from alignkit.config import build, to_dict
 from alignkit.data.loaders import load_records
@@ -18,9 +21,10 @@ from alignkit.models.loading import ModelConfig, load_model_and_tokenizer
 from alignkit.models.pairwise import PairEncoder
 from alignkit.registry import Registry
 from alignkit.tasks import TASKS
+from alignkit.train.loop import Loop, TrainConfig
 from alignkit.train.objectives import OBJECTIVES, ComparisonExample, PairExample, RatedExample
+from alignkit.train.offline import OfflineMethod
 from alignkit.train.rundir import RunDir
-from alignkit.train.trainer import TrainConfig, Trainer
 
 
 @dataclass
@@ -63,7 +67,8 @@ class RunResult:
     initial_metrics: dict
     model: object
     tokenizer: object
-    trainer: Trainer
+    loop: Loop
+    method: OfflineMethod
 
 
 # ----- data: which record kind each objective reads, and how records become examples -----
@@ -130,7 +135,7 @@ def load_splits(cfg: DataConfig, kind: str) -> tuple[list, list, list[str]]:
         train, evaluation = _task_records(cfg, kind)
         return train, evaluation, []
     loaded = load_records(cfg.train, kind, columns=cfg.columns, on_error=cfg.on_error, split=cfg.split)
-    if loaded.skipped:
+    if loaded.skipped and distributed.is_main():
         print(f"{cfg.train}: {loaded.summary()}", flush=True)
     train, files = loaded.records, [cfg.train]
     if cfg.eval:
@@ -173,20 +178,45 @@ def train(cfg: RunConfig, command: str = "preference", resume: str | Path | None
     objective_kind = data.meta.get("objective", name)
     options = dict(cfg.loss) if objective_kind != "sft" else {}
     objective = OBJECTIVES.get(objective_kind).fn(splits, tokenizer.pad_token_id, options)
-    run = RunDir(resume) if resume else RunDir.create(cfg.output_dir, command, cfg.run_name)
-    print(f"run directory: {run.path}", flush=True)
+    run = open_run(cfg, command, resume, cfg.train.seed, files)
     if not resume:
-        run.write_config({"command": command, **to_dict(cfg)})
-        run.write_manifest(cfg.train.seed, files)
         run.log({"step": 0, "event": "data", "train_examples": len(splits["train"]),
                  "eval_examples": len(splits["eval"]), "truncated": encoder.truncated})
     reference = None
     if cfg.reference and objective.uses_reference:
         reference, _ = load_model_and_tokenizer(build(ModelConfig, {"name": cfg.reference}))
-    trainer = Trainer(model, tokenizer, objective, cfg.train, run, reference_model=reference)
-    metrics = trainer.fit(resume=bool(resume))
-    metrics.update(objective.write_reports(run))
-    return RunResult(run, metrics, trainer.initial_metrics, model, tokenizer, trainer)
+    model, reference = (prepare_model(m, cfg.train) if m is not None else None for m in (model, reference))
+    method = OfflineMethod(model, tokenizer, objective, cfg.train, run, reference_model=reference)
+    loop = Loop(method, cfg.train, run)
+    metrics = loop.fit(resume=bool(resume))
+    metrics.update(objective.write_reports(run) if distributed.is_main() else {})
+    return RunResult(run, metrics, loop.initial_metrics, model, tokenizer, loop, method)
+
+
+def open_run(cfg, command: str, resume, seed: int, files: list[str]) -> RunDir:
+    """The run directory, created by rank 0 (every rank gets its path); config and manifest on a new run."""
+    distributed.init(cfg.train.distributed)
+    if resume:
+        run = RunDir(resume)
+    else:
+        path = distributed.broadcast_object(
+            str(RunDir.create(cfg.output_dir, command, cfg.run_name).path) if distributed.is_main() else None)
+        run = RunDir(path)
+        run.write_config({"command": command, **to_dict(cfg)})
+        run.write_manifest(seed, files)
+    if distributed.is_main():
+        print(f"run directory: {run.path}", flush=True)
+    return run
+
+
+def prepare_model(model, cfg: TrainConfig):
+    """On this rank's device, with activation checkpointing if asked, sharded with FSDP2 under torchrun."""
+    model.to(distributed.device())
+    if cfg.activation_checkpointing and any(p.requires_grad for p in model.parameters()):
+        distributed.enable_activation_checkpointing(model)
+    precision = "bf16" if cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available()) \
+        else "fp32"
+    return distributed.shard(model, cfg.distributed, precision)
 
 
 def config_from(data: dict) -> RunConfig:

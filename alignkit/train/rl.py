@@ -9,9 +9,13 @@ untouched base model, the reward.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alignkit import distributed
 from alignkit.config import ConfigError, build, to_dict
 from alignkit.data.loaders import load_records
 from alignkit.data.records import PromptRecord
@@ -19,11 +23,13 @@ from alignkit.data.tokenize import Encoder, TokenizeConfig
 from alignkit.judges.templates import pairwise_messages
 from alignkit.models.loading import ModelConfig, load_model_and_tokenizer
 from alignkit.registry import Registry
-from alignkit.rewards.specs import build_source
 from alignkit.rewards.transforms import RunningNorm, Transformed
 from alignkit.rollout import GENERATORS, SamplingConfig
+from alignkit.sources import build_source
 from alignkit.tasks import TASKS
-from alignkit.train.online import OnlineTrainer, RLConfig
+from alignkit.train.loop import Loop, TrainConfig
+from alignkit.train.online import OnlineMethod, RLConfig, make_critic
+from alignkit.train.recipes import open_run, prepare_model
 from alignkit.train.rundir import RunDir
 
 
@@ -60,6 +66,9 @@ class RolloutConfig:
         return SamplingConfig(self.max_new_tokens, self.temperature, self.top_p, self.top_k, tuple(self.stop))
 
 
+RL_TRAIN_DEFAULTS = {"steps": 100, "lr": 1e-5, "schedule": "constant"}  # train.* defaults of an RL run
+
+
 @dataclass
 class RLRunConfig:
     recipe: str | None = None
@@ -70,6 +79,7 @@ class RLRunConfig:
     eval_reward: str | dict | None = None  # held-out scoring; default: the task's gold reward, else `reward`
     data: RLDataConfig = field(default_factory=RLDataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(**RL_TRAIN_DEFAULTS))
     rl: RLConfig = field(default_factory=RLConfig)
     sft: dict | None = None         # Self-Rewarding PPO stage 1: train.* options of an SFT run on demonstrations
     output_dir: str = "runs"
@@ -81,7 +91,8 @@ class RLResult:
     run: RunDir
     metrics: dict
     initial_metrics: dict
-    trainer: OnlineTrainer
+    loop: Loop
+    method: OnlineMethod
 
 
 RECIPES = Registry("RL recipe")
@@ -135,10 +146,23 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def split_options(options: dict) -> tuple[dict, dict]:
+    """({train.* options}, {rl.* options}) of one flat dict of both."""
+    return ({k: v for k, v in options.items() if k in TRAIN_KEYS},
+            {k: v for k, v in options.items() if k not in TRAIN_KEYS})
+
+
 def config_from(data: dict) -> RLRunConfig:
     """Recipe defaults, then `data` (a config file with overrides applied) on top."""
+    moved = [k for k in (data.get("rl") or {}) if k in TRAIN_KEYS]
+    if moved:
+        raise ConfigError(f"rl.{moved[0]} is train.{moved[0]}: options every trainer shares live in train.* "
+                          f"({', '.join(moved)})")
     recipe = data.get("recipe")
-    defaults = RECIPES.get(recipe).fn() if recipe else {}
+    defaults = _merge({"train": RL_TRAIN_DEFAULTS}, RECIPES.get(recipe).fn() if recipe else {})
     return build(RLRunConfig, _merge(defaults, data))
 
 
@@ -188,12 +212,15 @@ def _self_rewarding_stage(cfg: RLRunConfig, base, tokenizer, run: RunDir):
     from alignkit.rewards.implicit import ImplicitReward
 
     saved = run.path / "sft-model"
-    if (saved / "config.json").exists():
-        sft = load_model_and_tokenizer(build(ModelConfig, {"name": str(saved)}))[0]
-    else:
-        sft = _sft(cfg, copy.deepcopy(base), tokenizer)
-        sft.save_pretrained(saved)
-    frozen = copy.deepcopy(sft).eval().requires_grad_(False)
+    if not (saved / "config.json").exists():
+        sft_run = _sft(cfg, copy.deepcopy(base), tokenizer)
+        if distributed.is_main():
+            shutil.copytree(sft_run / "model", saved.with_name(".sft-model.tmp"), dirs_exist_ok=True)
+            os.replace(saved.with_name(".sft-model.tmp"), saved)
+        distributed.barrier()
+    sft, frozen = (load_model_and_tokenizer(build(ModelConfig, {"name": str(saved), "dtype": cfg.model.dtype}))[0]
+                   for _ in range(2))
+    frozen.eval().requires_grad_(False)
     reward = ImplicitReward(frozen, base.eval().requires_grad_(False), tokenizer, tokenize=cfg.data.tokenize)
     return sft, frozen, Transformed(reward, RunningNorm())
 
@@ -205,9 +232,10 @@ def _sft(cfg: RLRunConfig, model, tokenizer):
                                                          task_size=cfg.data.task_size,
                                                          eval_size=cfg.data.eval_size, seed=cfg.data.seed,
                                                          tokenize=cfg.data.tokenize),
-                        train=build(type(RunConfig().train), {"progress": cfg.rl.progress, **cfg.sft}),
+                        train=build(TrainConfig, {"progress": cfg.train.progress,
+                                                  "distributed": to_dict(cfg.train.distributed), **cfg.sft}),
                         output_dir=cfg.output_dir, run_name=f"{cfg.run_name}-sft" if cfg.run_name else None)
-    return train(sft_cfg, "sft", model=model, tokenizer=tokenizer).model
+    return train(sft_cfg, "sft", model=model, tokenizer=tokenizer).run.path
 
 
 def _sources(cfg: RLRunConfig, model, tokenizer, run: RunDir):
@@ -246,25 +274,32 @@ def run_rl(cfg: RLRunConfig, resume: str | Path | None = None, model=None, token
     """
     if resume and not (Path(resume) / "config.yaml").exists():
         raise FileNotFoundError(f"cannot resume {resume}: no config.yaml there")
+    if not cfg.train.steps:
+        raise ConfigError("train.steps must be set for online RL (RL steps)")
     if model is None:
         model, tokenizer = load_model_and_tokenizer(cfg.model)
     train_records, eval_records = load_prompts(cfg.data)
     encoder = Encoder(tokenizer, cfg.data.tokenize)
     encode = [encoder.encode(r.prompt) for r in train_records], [encoder.encode(r.prompt) for r in eval_records]
-    run = RunDir(resume) if resume else RunDir.create(cfg.output_dir, "rl", cfg.run_name)
-    print(f"run directory: {run.path}", flush=True)
+    run = open_run(cfg, "rl", resume, cfg.train.seed, [f for f in (cfg.data.train, cfg.data.eval) if f])
     if not resume:
-        run.write_config({"command": "rl", **to_dict(cfg)})
-        run.write_manifest(cfg.rl.seed, [f for f in (cfg.data.train, cfg.data.eval) if f])
         run.log({"step": 0, "event": "data", "train_prompts": len(train_records), "eval_prompts": len(eval_records),
                  "truncated": encoder.truncated})
     if reward is not None or judge is not None:
         policy, reference = model, None
     else:
         policy, reference, reward, judge = _sources(cfg, model, tokenizer, run)
+    if reference is None and cfg.rl.kl_coef:
+        reference = copy.deepcopy(policy)
+    critic, head = make_critic(policy, cfg.rl)
+    policy, critic, head = (prepare_model(m, cfg.train) if m is not None else None for m in (policy, critic, head))
+    if reference is not None:
+        reference = prepare_model(reference.requires_grad_(False), cfg.train)
     generator = GENERATORS.call(cfg.rollout.backend, policy, tokenizer, **cfg.rollout.options)
-    trainer = OnlineTrainer(policy, tokenizer, generator, encode[0], train_records, cfg.rl, cfg.rollout.sampling(),
-                            run, reward=reward, judge=judge, reference=reference, eval_prompts=encode[1],
-                            eval_records=eval_records, eval_reward=_eval_reward(cfg, reward))
-    metrics = trainer.fit(resume=bool(resume))
-    return RLResult(run, metrics, trainer.initial_metrics, trainer)
+    method = OnlineMethod(policy, tokenizer, generator, encode[0], train_records, cfg.rl, cfg.rollout.sampling(),
+                          steps=cfg.train.steps, seed=cfg.train.seed, micro_batch_size=cfg.train.micro_batch_size,
+                          lr=cfg.train.lr, reward=reward, judge=judge, reference=reference, critic=critic, head=head,
+                          eval_prompts=encode[1], eval_records=eval_records, eval_reward=_eval_reward(cfg, reward))
+    loop = Loop(method, cfg.train, run)
+    metrics = loop.fit(resume=bool(resume))
+    return RLResult(run, metrics, loop.initial_metrics, loop, method)

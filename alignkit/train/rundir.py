@@ -1,7 +1,11 @@
-"""A run directory: resolved config, manifest, metrics.jsonl, checkpoints, reports."""
+"""A run directory: resolved config, manifest, metrics.jsonl, checkpoints, reports.
+
+Under torchrun every rank holds the same RunDir, and only rank 0 writes its files.
+"""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -11,6 +15,8 @@ from importlib import metadata
 from pathlib import Path
 
 import yaml
+
+from alignkit import distributed
 
 PACKAGES = ("alignkit", "torch", "transformers", "safetensors", "numpy", "peft", "datasets")
 
@@ -28,6 +34,14 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _main_only(method):
+    """Rank 0 writes; the other ranks' calls do nothing."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        return method(self, *args, **kwargs) if distributed.is_main() else None
+    return wrapper
 
 
 def _data_hashes(paths: list[str]) -> dict[str, str]:
@@ -60,12 +74,14 @@ class RunDir:
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
+    @_main_only
     def write_config(self, config: dict) -> None:
         (self.path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
     def read_config(self) -> dict:
         return yaml.safe_load((self.path / "config.yaml").read_text())
 
+    @_main_only
     def write_manifest(self, seed: int, data_files: list[str]) -> None:
         manifest = {
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -78,10 +94,12 @@ class RunDir:
         }
         (self.path / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
+    @_main_only
     def log(self, record: dict) -> None:
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    @_main_only
     def truncate_metrics(self, after_step: int) -> None:
         """Drop metric lines past `after_step` (written before a kill, replayed on resume)."""
         path = self.path / "metrics.jsonl"
@@ -94,6 +112,7 @@ class RunDir:
         path = self.path / "metrics.jsonl"
         return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
 
+    @_main_only
     def write_json(self, name: str, data) -> Path:
         path = self.path / name
         path.write_text(json.dumps(data, indent=2))

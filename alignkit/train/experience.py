@@ -1,0 +1,167 @@
+"""Experience collection for online RL: pick prompts, generate G completions each, score or judge them.
+
+Under torchrun each rank takes a contiguous share of the step's prompts with all G completions of
+each (a group never straddles two ranks). Every completion's sampling seed is a function of
+(seed, step, sampling round, its position in the step's whole batch), so a run samples the same
+completions at any world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from alignkit import distributed
+from alignkit.algorithms.policy import overlong_penalty
+from alignkit.data.records import PromptRecord
+from alignkit.data.tokenize import Encoded
+from alignkit.registry import Registry
+from alignkit.rollout import Completion, SamplingConfig
+
+PREFERENCE_SIGNALS = Registry("preference signal")
+PREFERENCE_SIGNALS.register("logit", summary="d_ij = logit P(i > j): reward differences under Bradley-Terry "
+                            "(routing paper)")(lambda p: p.logits)
+PREFERENCE_SIGNALS.register("sign", summary="d_ij = 2 P(i > j) - 1: +-1 for hard verdicts, 0 for ties "
+                            "(Think-RM binary, without its 1/length confidence)")(lambda p: 2 * p.probs - 1)
+
+
+@dataclass
+class Experience:
+    """One step's completions on this rank, flattened prompt-major ([P*G]), and what is computed from them."""
+
+    records: list[PromptRecord]
+    completions: list[Completion]
+    rewards: Tensor | None            # [P, G]
+    preferences: Tensor | None        # [P, G, G]
+    input_ids: Tensor = None
+    attention_mask: Tensor = None
+    mask: Tensor = None               # completion tokens, float [n, T]
+    old_logprobs: Tensor | None = None
+    ref_logprobs: Tensor | None = None
+    old_values: Tensor | None = None
+    advantages: Tensor = None
+    returns: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+
+class PhaseTimer:
+    def __init__(self):
+        self.seconds = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - started
+
+
+def sampling_seed(seed: int, step: int, salt: int, position: int) -> int:
+    """A completion's sampling seed from (run seed, step, round or purpose, position in the whole batch)."""
+    return (((seed * 1_000_003 + step) * 8191 + salt) * 1_048_573 + position) % (2**63 - 1)
+
+
+def _pairs(g: int) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(g) for j in range(i + 1, g)]
+
+
+class Collector:
+    """Prompts in a seeded shuffled stream (the cursor is checkpointed), generation, scoring, judging."""
+
+    def __init__(self, prompts: list[Encoded], records: list[PromptRecord], generator, sampling: SamplingConfig,
+                 cfg, *, reward=None, judge=None, wants_preferences: bool = False, seed: int = 0):
+        self.prompts, self.records, self.generator, self.sampling = list(prompts), list(records), generator, sampling
+        self.cfg, self.reward, self.judge, self.seed = cfg, reward, judge, seed
+        self.wants_preferences = wants_preferences
+        self.cursor = 0
+
+    def next_prompts(self, n: int) -> list[int]:
+        """The next `n` prompt indices of the stream (the same on every rank)."""
+        out = []
+        while len(out) < n:
+            epoch, offset = divmod(self.cursor, len(self.prompts))
+            order = list(range(len(self.prompts)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            take = order[offset:offset + n - len(out)]
+            out += take
+            self.cursor += len(take)
+        return out
+
+    def generate(self, policy, prompts: list[list[int]], sampling: SamplingConfig, seeds) -> list[Completion]:
+        was_training = policy.training
+        policy.eval()
+        try:
+            return self.generator.generate(prompts, sampling, seed=seeds)
+        finally:
+            policy.train(was_training)
+
+    def score(self, records: list[PromptRecord], completions: list[Completion]) -> Tensor:
+        prompts = [r.prompt for r in records]
+        scores = self.reward.score(prompts, [c.text for c in completions], [r.reference for r in records])
+        values = scores.values.float().cpu()
+        if self.cfg.overlong_buffer:
+            lengths = torch.tensor([len(c) for c in completions])
+            values = values + self.cfg.overlong_coef * overlong_penalty(
+                lengths, self.sampling.max_new_tokens, self.cfg.overlong_buffer)
+        return values
+
+    def judge_groups(self, records: list[PromptRecord], completions: list[Completion], g: int) -> Tensor:
+        """Skew-symmetric [P, G, G]: one judge call per unordered pair, d_ji = -d_ij."""
+        pairs, n_prompts = _pairs(g), len(records) // g
+        prompts, a, b = [], [], []
+        for p, record in enumerate(records[::g]):
+            for i, j in pairs:
+                prompts.append(record.prompt)
+                a.append(completions[p * g + i].text)
+                b.append(completions[p * g + j].text)
+        signal = PREFERENCE_SIGNALS.get(self.cfg.preference_signal).fn(self.judge.compare(prompts, a, b)).float()
+        d = torch.zeros(n_prompts, g, g)
+        rows = torch.arange(n_prompts).repeat_interleave(len(pairs))
+        first = torch.tensor([i for i, _ in pairs]).repeat(n_prompts)
+        second = torch.tensor([j for _, j in pairs]).repeat(n_prompts)
+        d[rows, first, second] = signal.cpu()
+        d[rows, second, first] = -signal.cpu()
+        return d
+
+    def collect(self, policy, step: int, timer: PhaseTimer) -> tuple[Experience, dict]:
+        """This rank's share of the step's groups; with dynamic sampling (DAPO) groups whose signal does not
+        vary are dropped and more prompts are sampled, up to `max_sampling_rounds` rounds."""
+        g, wanted = self.cfg.group_size, self.cfg.prompts_per_step
+        kept_records, kept_completions, kept_signal = [], [], []
+        rounds, seen, flat = 0, 0, 0
+        limit = self.cfg.max_sampling_rounds if self.cfg.dynamic_sampling else 1
+        while len(kept_signal) < wanted and rounds < limit:
+            everyone = self.next_prompts(wanted - len(kept_signal))
+            positions = distributed.shard_of(list(range(len(everyone))))
+            ids = [everyone[k] for k in positions]
+            records = [self.records[i] for i in ids for _ in range(g)]
+            seeds = [sampling_seed(self.seed, step, rounds, k * g + j) for k in positions for j in range(g)]
+            with timer("generate"):
+                completions = self.generate(policy, [self.prompts[i].prompt for i in ids for _ in range(g)],
+                                            self.sampling, seeds)
+            with timer("score"):
+                signal = (self.judge_groups(records, completions, g) if self.wants_preferences
+                          else self.score(records, completions).view(-1, g))
+            varies = (signal.flatten(1).amax(1) - signal.flatten(1).amin(1)) > 0
+            flat += int((~varies).sum())
+            seen += len(ids)
+            for p in range(len(ids)):
+                if varies[p] or not self.cfg.dynamic_sampling:
+                    kept_records += records[p * g:(p + 1) * g]
+                    kept_completions += completions[p * g:(p + 1) * g]
+                    kept_signal.append(signal[p])
+            rounds += 1
+        stacked = torch.stack(kept_signal) if kept_signal else None
+        experience = Experience(kept_records, kept_completions, None if self.wants_preferences else stacked,
+                                stacked if self.wants_preferences else None)
+        return experience, {"zero_variance_groups": flat / max(seen, 1), "sampling_rounds": rounds,
+                            "groups": len(kept_signal)}

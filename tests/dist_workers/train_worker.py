@@ -1,0 +1,109 @@
+"""Every trainer at two ranks (under torchrun) or in one process, recording what the equivalence test compares.
+
+`python -m torch.distributed.run --nproc-per-node 2 train_worker.py OUT` runs each case with FSDP2 and
+micro-batches of 1; the test runs the same cases in its own process (`run_cases`) with whole batches.
+Each case records the gradient of its first optimizer step (gathered from the shards), the final
+weights (RUN_DIR/model) and, online, the token ids this rank sampled at the first step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from alignkit import distributed
+from alignkit.models import tiny_model_and_tokenizer, tiny_reward_model
+from alignkit.rewards.rules import RuleReward
+from alignkit.train import RunConfig, train
+from alignkit.train.experience import Collector
+from alignkit.train.loop import Loop, TrainConfig
+from alignkit.train.rl import config_from, run_rl
+
+OFFLINE = {  # name -> (command, loss, reward head)
+    "sft": ("sft", {}, False),
+    "dpo": ("preference", {"name": "dpo"}, False),
+    "kto": ("preference", {"name": "kto"}, False),
+    "reward": ("reward", {"name": "bradley_terry"}, False),
+}
+ONLINE = {"grpo": {}, "ppo": {}}
+CASES = (*OFFLINE, *ONLINE)
+
+
+def _train_options(micro: int | None) -> dict:
+    return {"steps": 2, "batch_size": 8, "micro_batch_size": micro, "lr": 1e-3, "progress": False}
+
+
+def run_offline(name: str, out: Path, micro: int | None):
+    command, loss, _ = OFFLINE[name]
+    model, tokenizer = tiny_model_and_tokenizer(seed=0)
+    model = tiny_reward_model(model) if command == "reward" else model
+    cfg = RunConfig(output_dir=str(out), run_name=name, loss=loss, train=TrainConfig(**_train_options(micro)))
+    cfg.data.task_size, cfg.data.eval_size = 24, 6
+    return train(cfg, command, model=model, tokenizer=tokenizer).run.path
+
+
+def run_online(name: str, out: Path, micro: int | None):
+    model, tokenizer = tiny_model_and_tokenizer(seed=0)
+    cfg = config_from({"recipe": name, "output_dir": str(out), "run_name": name,
+                       "data": {"task": "arithmetic", "task_options": {"max_operand": 9}, "eval_size": 6},
+                       "rollout": {"max_new_tokens": 4},
+                       "train": {**_train_options(micro), "lr": 1e-2},
+                       "rl": {"prompts_per_step": 4, "group_size": 4 if name == "grpo" else 2}})
+    length = RuleReward(lambda prompt, completion, reference: float(len(completion)))  # varies from the start
+    return run_rl(cfg, model=model, tokenizer=tokenizer, reward=length).run.path
+
+
+class Recorder:
+    """First-step gradients (full tensors) and sampled token ids, per case."""
+
+    def __init__(self):
+        self.grads: dict[str, torch.Tensor] = {}
+        self.tokens: list[list[int]] = []
+        self.case = ""
+
+    @contextlib.contextmanager
+    def installed(self):
+        apply, collect = Loop.apply_gradients, Collector.collect
+        recorder = self
+
+        def apply_gradients(loop):
+            if not recorder.grads:
+                for name, p in loop.container.named_parameters():
+                    if p.grad is not None:
+                        grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                        recorder.grads[name] = grad.detach().float().clone()
+            return apply(loop)
+
+        def collect_first(collector, policy, step, timer):
+            exp, stats = collect(collector, policy, step, timer)
+            if step == 0 and not recorder.tokens:
+                recorder.tokens = [c.token_ids for c in exp.completions]
+            return exp, stats
+
+        Loop.apply_gradients, Collector.collect = apply_gradients, collect_first
+        try:
+            yield self
+        finally:
+            Loop.apply_gradients, Collector.collect = apply, collect
+
+
+def run_cases(out: Path, micro: int | None, cases=CASES) -> None:
+    """Run each case, writing OUT/NAME.grads.safetensors and OUT/NAME.tokens.rank-R.json."""
+    with Recorder().installed() as recorder:
+        for name in cases:
+            recorder.grads, recorder.tokens = {}, []
+            (run_offline if name in OFFLINE else run_online)(name, out / "runs", micro)
+            if distributed.is_main():
+                save_file({k: v.contiguous() for k, v in recorder.grads.items()}, out / f"{name}.grads.safetensors")
+            (out / f"{name}.tokens.rank-{distributed.rank()}.json").write_text(json.dumps(recorder.tokens))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    distributed.init()
+    run_cases(Path(sys.argv[1]), micro=1)
