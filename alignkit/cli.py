@@ -10,6 +10,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from alignkit import distributed
 from alignkit.algorithms import PREFERENCE_LOSSES, REWARD_LOSSES, UNPAIRED_LOSSES
 from alignkit.config import ConfigError, apply_overrides, load_yaml
 from alignkit.registry import Registry
@@ -73,8 +74,8 @@ def _resolve(args, extra: dict | None = None) -> dict:
     return apply_overrides(data, args.overrides)
 
 
-def summary_table(title: str, rows: dict[str, float]) -> Table:
-    table = Table(title=title, title_justify="left")
+def summary_table(rows: dict[str, float]) -> Table:
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in rows.items():
@@ -88,15 +89,14 @@ def _run_training(command: str, args, extra: dict | None = None) -> int:
     cfg = config_from(_resolve(args, extra))
     result = train(cfg, command, resume=args.resume)
     rows = {k: v for k, v in result.metrics.items() if not k.startswith("eval/reward_margin")}
-    _report(summary_table(f"alignkit {command}: final evaluation", rows), result.run.path)
+    _report(f"alignkit {command}: final evaluation", summary_table(rows), result.run.path)
     return 0
 
 
-def _report(table: Table, run_path) -> None:
+def _report(title: str, table: Table, run_path) -> None:
     """The final table and the run directory, printed by rank 0 only under torchrun."""
-    from alignkit import distributed
-
     if distributed.is_main():
+        console.print(title)
         console.print(table)
         console.print(f"run directory: {run_path}", soft_wrap=True)
 
@@ -133,7 +133,7 @@ def cmd_rl(args) -> int:
     result = run_rl(config_from(_resolve(args, {"model.name": args.model, "recipe": args.recipe})),
                     resume=args.resume)
     rows = {**{f"before/{k}": v for k, v in result.initial_metrics.items()}, **result.metrics}
-    _report(summary_table("alignkit rl: held-out evaluation (greedy)", rows), result.run.path)
+    _report("alignkit rl: held-out evaluation (greedy)", summary_table(rows), result.run.path)
     return 0
 
 
@@ -238,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # our own progress is enough; theirs fires on every checkpoint
     try:
-        return COMMANDS.get(args.command).fn(args)
+        code = COMMANDS.get(args.command).fn(args)
+        distributed.shutdown()
+        return code
     except (ConfigError, KeyError, TypeError, ValueError, FileNotFoundError, RuntimeError) as err:
         if os.environ.get("ALIGNKIT_DEBUG"):
             raise

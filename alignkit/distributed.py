@@ -14,6 +14,7 @@ its forward (ZeRO-3); `False` keeps them until the backward (ZeRO-2: more memory
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import types
 from dataclasses import dataclass
@@ -50,6 +51,16 @@ def init(cfg: DistributedConfig | None = None) -> None:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s))
+
+
+def shutdown() -> None:
+    """Leave the process group at the end of a command. Garbage is collected first: FSDP2 state freed
+    during interpreter exit after the group is gone can abort the process."""
+    if not active():
+        return
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def active() -> bool:
@@ -172,7 +183,7 @@ def shard(model: nn.Module, cfg: DistributedConfig, precision: str = "fp32") -> 
 # model's pooled features) must still gather the root's parameters and reduce their gradients:
 # FSDP2 wraps them like `forward` once registered.
 CALL = "_alignkit_call"
-FORWARD_METHODS = ("pooled", "predict", "accumulate_posterior")
+FORWARD_METHODS = ("predict", "accumulate_posterior")   # entry points only: nested calls would reshard early
 
 
 def _call(self, fn, *args, **kwargs):

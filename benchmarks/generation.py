@@ -21,7 +21,7 @@ import torch
 
 
 def naive_generate(model, prompts, eos_ids, pad_id, batch: int, max_new_tokens: int) -> list[list[float]]:
-    from alignkit.judges.backends import left_pad
+    from alignkit.rollout.tokens import left_pad
 
     logprobs = []
     for start in range(0, len(prompts), batch):

@@ -224,12 +224,13 @@ def alignkit_config(spec: dict):
         "data": {"task": "arithmetic", "task_options": TASK, "task_size": spec["steps"] * spec["prompts_per_step"],
                  "eval_size": 0, "seed": spec["seed"], "tokenize": {"template": "plain"}},
         "rollout": {"max_new_tokens": spec["max_completion_length"], "temperature": 1.0, "top_p": 1.0, "top_k": 0},
-        "rl": {"steps": spec["steps"], "prompts_per_step": spec["prompts_per_step"], "group_size": spec["group_size"],
+        "train": {"steps": spec["steps"], "lr": spec["lr"], "weight_decay": 0.0, "schedule": "constant",
+                  "warmup_steps": 0, "max_grad_norm": 1.0, "precision": "fp32", "eval_every": 0, "save_every": 0,
+                  "seed": spec["seed"], "progress": False},
+        "rl": {"prompts_per_step": spec["prompts_per_step"], "group_size": spec["group_size"],
                "advantage": "grpo", "advantage_options": {"eps": ADVANTAGE_EPS},
                "aggregation": "seq-mean-token-mean", "ppo_epochs": 1, "mini_batches": 1, "clip_low": 0.2,
-               "clip_high": 0.2, "kl_coef": 0.0, "entropy_coef": 0.0, "lr": spec["lr"], "weight_decay": 0.0,
-               "schedule": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "precision": "fp32",
-               "eval_every": 0, "save_every": 0, "seed": spec["seed"], "progress": False},
+               "clip_high": 0.2, "kl_coef": 0.0, "entropy_coef": 0.0},
     })
 
 
@@ -239,7 +240,7 @@ def run_alignkit(spec: dict) -> dict:
 
     model, tokenizer = load_model_and_tokenizer(spec)
     cfg, clock = alignkit_config(spec), Clock()
-    online.OnlineTrainer.train_step = clock.wrap(online.OnlineTrainer.train_step, "step", edges=True)
+    online.OnlineMethod.train_step = clock.wrap(online.OnlineMethod.train_step, "step", edges=True)
     start_rss, started = rss_mib(), time.perf_counter()
     result = run_rl(cfg, model=model, tokenizer=tokenizer)
     wall = time.perf_counter() - started
@@ -254,7 +255,7 @@ def run_alignkit(spec: dict) -> dict:
     return {"loop_s": loop, "wall_s": wall, "start_rss_mib": start_rss, "phases": phases,
             "rewards": [r["train/reward/mean"] for r in rows],
             "completion_tokens": sum(r["train/response_length/mean"] * n for r in rows),
-            "held_out": held_out_accuracy(result.trainer.policy, tokenizer, spec["max_completion_length"])}
+            "held_out": held_out_accuracy(result.method.policy, tokenizer, spec["max_completion_length"])}
 
 
 def trl_config(spec: dict):

@@ -2,6 +2,7 @@
 
 import inspect
 import math
+import threading
 
 import pytest
 import torch
@@ -183,3 +184,40 @@ def test_every_estimator_declares_inputs_it_takes_and_a_known_output():
         assert entry.meta["inputs"], entry.name
         assert set(entry.meta["inputs"]) <= set(parameters), entry.name
         assert entry.meta["output"] in OUTPUTS, entry.name
+
+
+
+def _two_rank_sums():
+    """batch_sum for two threads standing in for two ranks: an all-reduce made of a barrier."""
+    barrier, slots = threading.Barrier(2), [None, None]
+
+    def for_rank(rank):
+        def batch_sum(values):
+            slots[rank] = values.sum()
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()   # both have read before the next call overwrites
+            return total
+        return batch_sum
+    return for_rank
+
+
+@pytest.mark.parametrize("name", ["reinforce_pp", "reinforce_pp_baseline"])
+def test_whole_batch_whitening_is_the_same_over_two_ranks(name):
+    """Each half of the batch, whitened with sums over both halves, equals the whole batch whitened at once."""
+    inputs = {"token_rewards": TOKEN_REWARDS, "mask": TOKEN_MASK, "rewards": R,
+              "lengths": torch.tensor([[1.0, 2.0, 3.0, 1.0], [2.0, 2.0, 1.0, 3.0]], dtype=torch.float64)}
+    whole = estimate(name, inputs)
+    sums, parts = _two_rank_sums(), [None, None]
+
+    def rank(i):
+        parts[i] = estimate(name, {**{k: v[i:i + 1] for k, v in inputs.items()}, "batch_sum": sums(i)})
+
+    threads = [threading.Thread(target=rank, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert_close(torch.cat(parts), whole)
+    assert not torch.equal(parts[0], estimate(name, {k: v[:1] for k, v in inputs.items()})), \
+        "whitening one half alone differs: the test would catch a missing reduction"

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from dist_workers.train_worker import CASES, ONLINE, run_cases
+from dist_workers.train_worker import CASES, LOOSE, ONLINE, run_cases
 from safetensors.torch import load_file
 from torchrun import ROOT, torchrun, torchrun_command, worker_env
 
@@ -50,13 +50,17 @@ def test_two_ranks_compute_the_gradient_of_one_process(two_ranks, one_process, c
     ours, theirs = (load_file(d / f"{case}.grads.safetensors") for d in (one_process, two_ranks))
     assert ours.keys() == theirs.keys() and ours
     assert any(g.abs().sum() > 0 for g in ours.values()), "a zero gradient would prove nothing"
+    if case in LOOSE:   # bf16: the whole gradient within 3% of one process's, by norm
+        error = sum((theirs[n] - g).norm() ** 2 for n, g in ours.items()) ** 0.5
+        assert error <= 0.03 * sum(g.norm() ** 2 for g in ours.values()) ** 0.5
+        return
     for name, grad in ours.items():
         torch.testing.assert_close(theirs[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [c for c in CASES if c not in LOOSE])
 def test_two_ranks_end_with_the_weights_of_one_process(two_ranks, one_process, case):
-    ours, theirs = (load_file(d / "runs" / case / "model" / "model.safetensors") for d in (one_process, two_ranks))
+    ours, theirs = (_weights(d / "runs" / case) for d in (one_process, two_ranks))
     assert ours.keys() == theirs.keys()
     for name, weight in ours.items():
         torch.testing.assert_close(theirs[name], weight, rtol=0, atol=1e-4, msg=name)
@@ -102,7 +106,9 @@ def _wait_for_checkpoint(job: subprocess.Popen, root: Path, step: int, seconds: 
 
 
 def _weights(run: Path) -> dict:
-    return load_file(run / "model" / "model.safetensors")
+    """The final model's tensors (a preference model keeps its head in a file of its own)."""
+    folder = run / "model"
+    return {f"{f.stem}:{name}": t for f in sorted(folder.glob("*.safetensors")) for name, t in load_file(f).items()}
 
 
 def test_a_killed_rank_ends_the_job_then_resume_matches_the_uninterrupted_run(tmp_path):

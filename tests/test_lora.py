@@ -1,7 +1,10 @@
 """LoRA through peft: adapters train, the base stays frozen, checkpoints hold adapters and restore."""
 
+import copy
+
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from alignkit.config import build
 from alignkit.models import ModelConfig, ModelLoadError, load_model_and_tokenizer, naive_token_logprobs, token_logprobs
@@ -18,12 +21,17 @@ def test_lora_trains_adapters_only_and_checkpoints_restore_them(tmp_path):
     assert trainable and all("lora_" in k for k in trainable)
     cfg = build(RunConfig, {"output_dir": str(tmp_path), "model": {"lora": LORA},
                             "data": {"task_size": 32, "eval_size": 8},
-                            "train": {"steps": 3, "batch_size": 8, "lr": 1e-2, "progress": False}})
+                            "train": {"steps": 3, "batch_size": 8, "lr": 1e-2, "progress": False,
+                                      "merge_lora": True}})
     result = train(cfg, "preference", model=model, tokenizer=tok)
     now = dict(model.named_parameters())
     assert all(torch.equal(now[k], v) for k, v in frozen.items())
     assert any(not torch.equal(now[k], v) for k, v in trainable.items())
     assert (result.run.path / "model" / "adapter_model.safetensors").exists(), "the final model is the adapter"
+    merged = AutoModelForCausalLM.from_pretrained(result.run.path / "model" / "merged")
+    expected = copy.deepcopy(model).merge_and_unload().state_dict()
+    for name, value in merged.state_dict().items():
+        torch.testing.assert_close(value, expected[name], msg=name)
     fresh, _ = load_model_and_tokenizer(ModelConfig(lora=LORA))
     restore_weights(fresh, latest_checkpoint(result.run.checkpoints))
     for name, value in fresh.named_parameters():

@@ -127,8 +127,8 @@ def demo_dir(tmp_path_factory):
     for recipe in ("grpo", "ppo"):
         run_rl(config_from({"recipe": recipe, "output_dir": str(parent), "data": ARITHMETIC,
                             "rollout": {"max_new_tokens": 4},
-                            "rl": {"steps": RL_STEPS, "prompts_per_step": 4, "group_size": 4,
-                                   "eval_every": EVAL_EVERY, "progress": False}}))
+                            "train": {"steps": RL_STEPS, "eval_every": EVAL_EVERY, "progress": False},
+                            "rl": {"prompts_per_step": 4, "group_size": 4}}))
     train(build(RunConfig, {"output_dir": str(parent), "data": {"task_size": 16, "eval_size": 4},
                             "train": {"steps": SFT_STEPS, "batch_size": 4, "progress": False}}), "sft")
     (parent / "evaluation.json").write_text(json.dumps(EVALUATION))

@@ -211,3 +211,30 @@ def test_progress_draws_a_live_bar_on_a_terminal(monkeypatch):
     reporter.update(2, {"loss": 0.25, "tokens_per_s": 99.0})
     reporter.close()
     assert "2/4" in screen.getvalue() and "loss 0.2500" in screen.getvalue()
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, capsys):
+    """A run directory someone sent: its checkpoint's DCP metadata is a pickle payload. `--resume` must stop
+    with a clear error before anything is unpickled."""
+    import pickle
+
+    from alignkit.cli import main
+
+    assert main(["sft", "--model", "tiny", f"output_dir={tmp_path}", "run_name=run", "data.task_size=16",
+                 "data.eval_size=4", "train.steps=1", "train.progress=false"]) == 0
+    marker = tmp_path / "payload-ran"
+    metadata = latest_checkpoint(tmp_path / "run" / "checkpoints") / "dcp" / ".metadata"
+    metadata.write_bytes(pickle.dumps(_Payload(marker)))
+    capsys.readouterr()
+    assert main(["sft", "--resume", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err
+    assert "not unpickled" in error and str(metadata) in error
+    assert not marker.exists()
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)

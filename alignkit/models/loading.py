@@ -118,7 +118,7 @@ def _load(cfg: ModelConfig, head: str):
         model, tokenizer = tiny_model_and_tokenizer(cfg.tiny)
         model.set_attn_implementation(cfg.attn_implementation)
         model = HEADS[head][1](model, cfg)
-        return (model.to(DTYPES[cfg.dtype]) if cfg.dtype != "auto" else model), tokenizer
+        return (model.to(DTYPES[cfg.dtype]) if cfg.dtype not in ("auto", "float32") else model), tokenizer
     options = dict(trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
                    attn_implementation=cfg.attn_implementation)
     if cfg.gguf_file:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -57,6 +56,7 @@ class TrainConfig:
     save_every: int = 0               # steps; 0: only at the end
     keep_checkpoints: int = 2
     save_final_optimizer: bool = True  # false: the last checkpoint holds no optimizer state (not resumable)
+    merge_lora: bool = False          # LoRA runs: RUN_DIR/model/merged, the adapter merged in, beside the adapter
     on_nonfinite: str = "stop"        # stop: save, then raise; skip: drop the step and go on
     max_nonfinite_skips: int = 10
     seed: int = 0
@@ -204,7 +204,6 @@ class Loop:
         return final
 
     def _one_step(self, progress: ProgressReporter) -> None:
-        started = time.perf_counter()
         try:
             metrics = self.method.train_step(self)
         except FloatingPointError as err:
@@ -212,7 +211,6 @@ class Loop:
         self.scheduler.step()
         self.step += 1
         metrics.setdefault("lr", self.scheduler.get_last_lr()[0])
-        metrics.setdefault("time/step", time.perf_counter() - started)
         self.log({"step": self.step, **{f"train/{k}": v for k, v in metrics.items()}})
         within = self.step < self.total_steps
         if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and within:

@@ -172,4 +172,4 @@ class OfflineMethod:
         self.objective.load_state_dict(state)
 
     def export(self, path: Path, loop: Loop) -> None:
-        export_model(self.model, self.tokenizer, path)
+        export_model(self.model, self.tokenizer, path, merge_lora=loop.cfg.merge_lora)

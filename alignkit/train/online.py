@@ -390,7 +390,7 @@ class OnlineMethod:
                 getattr(self, name).load_state_dict(state[name])
 
     def export(self, path: Path, loop: Loop) -> None:
-        export_model(self.policy, self.tokenizer, path)
+        export_model(self.policy, self.tokenizer, path, merge_lora=loop.cfg.merge_lora)
 
 
 def _everyone(values: Tensor) -> Tensor:

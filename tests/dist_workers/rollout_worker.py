@@ -7,6 +7,7 @@ takes one training step on the sharded model, and writes what it got to <outdir>
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from dataclasses import asdict
@@ -52,6 +53,11 @@ def main(outdir: Path) -> None:
               "token_ids": [c.token_ids for c in completions], "logprobs": [c.logprobs for c in completions],
               "finish_reasons": [c.finish_reason for c in completions]}
     (outdir / f"rank{rank}.json").write_text(json.dumps(result))
+    # FSDP2 keeps gloo work of the backward's reduce-scatter; left for interpreter shutdown, it aborts the
+    # process now and then ("terminate called without an active exception")
+    del model
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -18,31 +18,45 @@ from safetensors.torch import save_file
 
 from alignkit import distributed
 from alignkit.models import tiny_model_and_tokenizer, tiny_reward_model
+from alignkit.models.pairwise import PairwiseConfig, PreferenceModel
 from alignkit.rewards.rules import RuleReward
 from alignkit.train import RunConfig, train
 from alignkit.train.experience import Collector
 from alignkit.train.loop import Loop, TrainConfig
 from alignkit.train.rl import config_from, run_rl
 
-OFFLINE = {  # name -> (command, loss, reward head)
-    "sft": ("sft", {}, False),
-    "dpo": ("preference", {"name": "dpo"}, False),
-    "kto": ("preference", {"name": "kto"}, False),
-    "reward": ("reward", {"name": "bradley_terry"}, False),
+OFFLINE = {  # name -> (command, loss, extra train.* options)
+    "sft": ("sft", {}, {}),
+    "sft-checkpointed": ("sft", {}, {"activation_checkpointing": True}),
+    "dpo": ("preference", {"name": "dpo"}, {}),
+    "dpo-bf16": ("preference", {"name": "dpo"}, {"precision": "bf16"}),
+    "kto": ("preference", {"name": "kto"}, {}),
+    "reward": ("reward", {"name": "bradley_terry"}, {}),
+    "pairwise": ("pairwise-rm", {}, {}),
 }
 ONLINE = {"grpo": {}, "ppo": {}}
 CASES = (*OFFLINE, *ONLINE)
+LOOSE = {"dpo-bf16"}   # bf16: FSDP2 casts whole layers, one process autocasts per op
 
 
 def _train_options(micro: int | None) -> dict:
     return {"steps": 2, "batch_size": 8, "micro_batch_size": micro, "lr": 1e-3, "progress": False}
 
 
-def run_offline(name: str, out: Path, micro: int | None):
-    command, loss, _ = OFFLINE[name]
+def _model(command: str):
     model, tokenizer = tiny_model_and_tokenizer(seed=0)
-    model = tiny_reward_model(model) if command == "reward" else model
-    cfg = RunConfig(output_dir=str(out), run_name=name, loss=loss, train=TrainConfig(**_train_options(micro)))
+    if command == "reward":
+        return tiny_reward_model(model), tokenizer
+    if command == "pairwise-rm":   # a linear head: SNGP's spectral norm moves with every forward pass
+        return PreferenceModel.from_causal_lm(model, PairwiseConfig(head="linear")), tokenizer
+    return model, tokenizer
+
+
+def run_offline(name: str, out: Path, micro: int | None):
+    command, loss, options = OFFLINE[name]
+    model, tokenizer = _model(command)
+    cfg = RunConfig(output_dir=str(out), run_name=name, loss=loss,
+                    train=TrainConfig(**_train_options(micro), **options))
     cfg.data.task_size, cfg.data.eval_size = 24, 6
     return train(cfg, command, model=model, tokenizer=tokenizer).run.path
 
@@ -107,3 +121,4 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     distributed.init()
     run_cases(Path(sys.argv[1]), micro=1)
+    distributed.shutdown()
