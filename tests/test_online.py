@@ -381,3 +381,55 @@ def test_cli_lists_recipes_and_rejects_an_unknown_one(capsys):
         assert name in text
     assert main(["rl", "--recipe", "nope"]) == 2
     assert "unknown RL recipe 'nope'" in capsys.readouterr().err
+
+
+# ----- where a sequence-level reward lands, and what the implicit reward scores -----
+def test_a_sequence_reward_sits_on_the_last_generated_token_and_nowhere_else():
+    """GAE with zero values and gamma 0.5: A_t = 0.5^(L-1-t) R pins the reward to the last completion token
+    (on the first token, only A_0 would be non-zero)."""
+    from types import SimpleNamespace
+
+    from alignkit.train import signals
+    from alignkit.train.experience import Experience
+
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 1, 1, 0, 0]], dtype=torch.float32)
+    exp = Experience([None, None], [None, None], rewards=torch.tensor([[1.0], [2.0]]), preferences=None,
+                     mask=mask, old_values=torch.zeros_like(mask))
+    cfg = SimpleNamespace(kl_coef=0.0, kl_in="loss", group_size=1, advantage="gae",
+                          advantage_options={"gamma": 0.5, "lam": 1.0}, normalize_advantages=False)
+    signals.advantages(exp, cfg, "token_and_returns", {"token_rewards", "values", "mask"})
+    expected = torch.tensor([[0, 0.25, 0.5, 1.0, 0], [0, 1.0, 2.0, 0, 0]])
+    assert torch.allclose(exp.advantages, expected)
+
+
+def test_the_implicit_reward_scores_exactly_the_generated_tokens():
+    """A completion cut at max_new_tokens has no EOS: the trainer's scores leave it out, as generated."""
+    from alignkit.data.tokenize import Encoded, Encoder
+    from alignkit.models.logprobs import completion_logprobs
+    from alignkit.rewards.implicit import ImplicitReward
+    from alignkit.rollout import GENERATORS, SamplingConfig
+    from alignkit.train.experience import Collector
+
+    target, base, tokenizer = tiny_model(seed=1), tiny_model(seed=2), tiny_tokenizer()
+    prompt = Encoder(tokenizer).encode("1+2=").prompt
+    generator = GENERATORS.call("transformers", target, tokenizer)
+    reward = ImplicitReward(target, base, tokenizer)
+    cfg = rl_config(Path("."), "grpo").rl
+    collector = Collector([], [], generator, SamplingConfig(max_new_tokens=3), cfg, reward=reward)
+    (cut,) = collector.generate(target, [prompt], SamplingConfig(max_new_tokens=3), [7])
+    assert cut.finish_reason == "length" and tokenizer.eos_token_id not in cut.token_ids
+    record = type("Record", (), {"prompt": "1+2=", "reference": None})()
+    scored = collector.score([record], [cut])
+    exact = Encoded(cut.prompt_ids, cut.token_ids)
+    expected = completion_logprobs(target, [exact], 0)[0] - completion_logprobs(base, [exact], 0)[0]
+    assert scored.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+    from_text = reward.score(["1+2="], [cut.text]).values     # text is read as a finished answer: EOS added
+    assert abs(float(from_text[0]) - float(expected[0])) > 1e-4
+
+
+def test_gspo_refuses_an_aggregation_that_drops_its_length_normalisation(tmp_path):
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    for aggregation in ("token-mean", "seq-mean-token-sum-norm"):
+        cfg = rl_config(tmp_path, "gspo", {"aggregation": aggregation})
+        with pytest.raises(ValueError, match="rl.importance_ratio=sequence needs rl.aggregation"):
+            run_rl(cfg, model=model, tokenizer=tokenizer, reward=RuleReward(lambda p, c, r: float(len(c))))

@@ -75,12 +75,14 @@ def token_log_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Ten
 
 
 @IMPORTANCE_RATIOS.register("sequence", summary="(pi(y) / pi_old(y))^(1/|y|) for every token (GSPO)",
-                            paper="Zheng et al. 2025, arXiv 2507.18071")
+                            paper="Zheng et al. 2025, arXiv 2507.18071", aggregations=("seq-mean-token-mean",))
 def sequence_log_ratio(logprobs: Tensor, old_logprobs: Tensor, mask: Tensor) -> Tensor:
     """GSPO-token form: s_i,t = sg[s_i] * pi(y_t) / sg[pi(y_t)].
 
     Its value is the length-normalised sequence ratio s_i at every token; with a constant advantage per
-    completion and seq-mean-token-mean aggregation its gradient is exactly GSPO's.
+    completion and seq-mean-token-mean aggregation its gradient is exactly GSPO's. Any other
+    aggregation re-weights completions by length and drops GSPO's 1/|y|, so the trainer refuses it
+    (the `aggregations` this ratio declares).
     """
     per_sequence = ((logprobs - old_logprobs) * mask).sum(1) / mask.sum(1).clamp(min=1)
     return (per_sequence.detach()[:, None] + logprobs - logprobs.detach()) * mask

@@ -91,7 +91,11 @@ class Preference:
 
 
 class RewardSource(Protocol):
-    """Anything that scores (prompt, completion) pairs in batches."""
+    """Anything that scores (prompt, completion) pairs in batches.
+
+    A source with `reads_tokens = True` also takes `tokens=[(prompt ids, completion ids), ...]`: the
+    online trainer then passes the generated token ids, to be scored as generated.
+    """
 
     stats: CallStats
 

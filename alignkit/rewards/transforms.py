@@ -88,9 +88,10 @@ class Transformed:
     def __init__(self, source: RewardSource, *steps: Step):
         self.source, self.steps = source, steps
         self.stats = source.stats
+        self.reads_tokens = getattr(source, "reads_tokens", False)
 
-    def score(self, prompts, completions, references=None) -> Scores:
-        scores = self.source.score(prompts, completions, references)
+    def score(self, prompts, completions, references=None, **tokens) -> Scores:
+        scores = self.source.score(prompts, completions, references, **tokens)
         values = scores.values
         for step in self.steps:
             values = step(values, prompts, completions)

@@ -105,8 +105,11 @@ class Collector:
             policy.train(was_training)
 
     def score(self, records: list[PromptRecord], completions: list[Completion]) -> Tensor:
+        """Rewards of the completions; a source that reads tokens (`reads_tokens`) gets the generated ids."""
         prompts = [r.prompt for r in records]
-        scores = self.reward.score(prompts, [c.text for c in completions], [r.reference for r in records])
+        tokens = ({"tokens": [(c.prompt_ids, c.token_ids) for c in completions]}
+                  if getattr(self.reward, "reads_tokens", False) else {})
+        scores = self.reward.score(prompts, [c.text for c in completions], [r.reference for r in records], **tokens)
         values = scores.values.float().cpu()
         if self.cfg.overlong_buffer:
             lengths = torch.tensor([len(c) for c in completions])

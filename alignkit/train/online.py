@@ -121,6 +121,10 @@ class OnlineMethod:
                                (IMPORTANCE_RATIOS, cfg.importance_ratio),
                                (PREFERENCE_SIGNALS, cfg.preference_signal)):
             registry.get(name)
+        supported = IMPORTANCE_RATIOS.get(cfg.importance_ratio).meta.get("aggregations")
+        if supported and cfg.aggregation not in supported:
+            raise ValueError(f"rl.importance_ratio={cfg.importance_ratio} needs rl.aggregation in {supported}: "
+                             f"{cfg.aggregation} would weight completions by length and lose the ratio's 1/|y|")
         if cfg.critic not in CRITICS or cfg.kl_in not in ("loss", "reward"):
             raise ValueError("rl.critic is separate|shared, rl.kl_in loss|reward")
         if cfg.overlong_buffer >= self.sampling.max_new_tokens:
