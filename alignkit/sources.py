@@ -178,6 +178,8 @@ def _router(*, fast, strong, **options):
 
 @SOURCES.register("transformed", summary="a source whose scores pass through transforms (YAML spec)")
 def _transformed(*, source, steps):
+    """steps: [running_norm, {clip: {low: -5, high: 5}}, {par: {m: 4}}, ...]; par and log_sigmoid score
+    reference-policy samples with `source`, from a sampler that `alignkit rl` binds (elsewhere they raise)."""
     from alignkit.rewards.transforms import Transformed, build_steps
 
     return Transformed(build_source(source), *build_steps(steps))

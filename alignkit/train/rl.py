@@ -23,7 +23,7 @@ from alignkit.data.tokenize import Encoder, TokenizeConfig
 from alignkit.judges.templates import pairwise_messages
 from alignkit.models.loading import ModelConfig, load_model_and_tokenizer
 from alignkit.registry import Registry
-from alignkit.rewards.transforms import RunningNorm, Transformed
+from alignkit.rewards.transforms import ReferenceSampler, RunningNorm, Transformed
 from alignkit.rollout import GENERATORS, SamplingConfig
 from alignkit.sources import build_source
 from alignkit.tasks import TASKS
@@ -266,6 +266,21 @@ def _eval_reward(cfg: RLRunConfig, reward):
     return reward if cfg.reward != "srppo" else None
 
 
+def _bind_reference(cfg: RLRunConfig, sources, reference_policy, tokenizer) -> None:
+    """Give reference transform steps (par, log_sigmoid) a sampler on a frozen copy of the reference policy.
+
+    The copy is made before any training and stays unsharded: under torchrun each rank samples its own
+    share of prompts locally, out of lockstep.
+    """
+    sampler = None
+    for source in sources:
+        if getattr(source, "needs_sampler", False):
+            sampler = sampler or ReferenceSampler(
+                copy.deepcopy(reference_policy).to(distributed.device()), tokenizer, sampling=cfg.rollout.sampling(),
+                tokenize=cfg.data.tokenize, seed=cfg.train.seed, batch_size=cfg.rollout.options.get("batch_size", 64))
+            source.bind_reference(sampler)
+
+
 def run_rl(cfg: RLRunConfig, resume: str | Path | None = None, model=None, tokenizer=None, *,
            reward=None, judge=None) -> RLResult:
     """Run online RL end to end; with `resume`, continue a killed run from its last checkpoint.
@@ -289,6 +304,8 @@ def run_rl(cfg: RLRunConfig, resume: str | Path | None = None, model=None, token
         policy, reference = model, None
     else:
         policy, reference, reward, judge = _sources(cfg, model, tokenizer, run)
+    eval_reward = _eval_reward(cfg, reward)
+    _bind_reference(cfg, (reward, eval_reward), policy if reference is None else reference, tokenizer)
     if reference is None and cfg.rl.kl_coef:
         reference = copy.deepcopy(policy)
     critic, head = make_critic(policy, cfg.rl)
@@ -299,7 +316,7 @@ def run_rl(cfg: RLRunConfig, resume: str | Path | None = None, model=None, token
     method = OnlineMethod(policy, tokenizer, generator, encode[0], train_records, cfg.rl, cfg.rollout.sampling(),
                           steps=cfg.train.steps, seed=cfg.train.seed, micro_batch_size=cfg.train.micro_batch_size,
                           lr=cfg.train.lr, reward=reward, judge=judge, reference=reference, critic=critic, head=head,
-                          eval_prompts=encode[1], eval_records=eval_records, eval_reward=_eval_reward(cfg, reward))
+                          eval_prompts=encode[1], eval_records=eval_records, eval_reward=eval_reward)
     loop = Loop(method, cfg.train, run)
     metrics = loop.fit(resume=bool(resume))
     return RLResult(run, metrics, loop.initial_metrics, loop, method)
