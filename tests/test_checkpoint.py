@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from dist_workers.checkpoint_worker import adamw, build, full_tensors, lora_policy, train_step
+from dist_workers.checkpoint_worker import adamw, build, full_tensors, lora_policy, tied_model, train_step
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 from torchrun import torchrun
@@ -199,6 +199,10 @@ def test_checkpoints_reshard_between_one_and_two_ranks_and_export_gathers(tmp_pa
     assert exported.config.architectures == ["LlamaForCausalLM"]
     assert {"tokenizer.json", "generation_config.json"} <= {p.name for p in (tmp_path / "export").iterdir()}
     assert_lora_export(tmp_path / "lora", lora_policy()[0])
+    assert "lm_head.weight" not in load_file(tmp_path / "tied" / "model.safetensors"), "a tied head is written once"
+    tied, expected = AutoModelForCausalLM.from_pretrained(tmp_path / "tied"), tied_model()
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    assert_same(tied.state_dict(), expected.state_dict(), "tied export")
 
 
 # ----- export -----

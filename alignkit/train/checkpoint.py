@@ -408,13 +408,23 @@ def export_model(model: torch.nn.Module, tokenizer, path: Path, *, merge_lora: b
     if distributed.rank() == 0:
         tmp = path.with_name(f".{path.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        _save_pretrained(model, tokenizer, full_state, tmp)
+        _save_pretrained(model, tokenizer, _without_tied_copies(model, full_state), tmp)
         if merge_lora and _is_peft(model):
             _save_pretrained(_merged_copy(model, full_state), tokenizer, None, tmp / "merged")
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     distributed.barrier()
     return path
+
+
+def _without_tied_copies(model: torch.nn.Module, state: dict) -> dict:
+    """`state` without the second name of a tied parameter (an LM head tied to the embeddings): gathered
+    shards are separate copies, which `save_pretrained` would write twice."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    again = {name for group in names.values() for name in group[1:]}
+    return {key: value for key, value in state.items() if key not in again}
 
 
 def _save_pretrained(model, tokenizer, state: dict | None, folder: Path) -> None:

@@ -6,7 +6,8 @@ WORKDIR holds a checkpoint saved by one process (`one/`) and the full tensors it
 (`one.safetensors`). Here the tiny model is sharded with FSDP2 and that checkpoint is loaded
 (resharded) and checked; then one more step is trained and saved (`two/`), the full tensors are
 written to `two.safetensors` and the model is exported (`export/`), as is a sharded LoRA model
-(`lora/`, merged too), for the test to check in one process.
+(`lora/`, merged too) and a model with tied embeddings (`tied/`), for the test to check in one
+process.
 """
 
 from __future__ import annotations
@@ -107,7 +108,21 @@ def main(workdir: Path) -> None:
     lora, tokenizer = lora_policy()
     shard(lora, lora.get_base_model().model.layers)
     export_model(lora, tokenizer, workdir / "lora", merge_lora=True)
+
+    tied = tied_model()
+    shard(tied, tied.model.layers)
+    export_model(tied, tokenizer, workdir / "tied")
     dist.destroy_process_group()
+
+
+def tied_model():
+    """A tiny model whose LM head is its embedding matrix (as SmolLM2's is)."""
+    from alignkit.models.tiny import TinyConfig, tiny_model
+
+    model = tiny_model(TinyConfig(seed=3))
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.config.tie_word_embeddings = True
+    return model
 
 
 if __name__ == "__main__":
