@@ -8,6 +8,8 @@ so gradient accumulation reproduces the full-batch gradient.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -67,11 +69,48 @@ class ComparisonExample:
 @dataclass(frozen=True)
 class RatedExample:
     encoded: Encoded
-    mismatched: Encoded  # this prompt with another example's completion (KTO's KL estimate)
     label: bool
+    max_length: int | None = None  # the encoder's limit, which a mismatched pair with this prompt is cut to
 
     def __len__(self) -> int:
         return len(self.encoded)
+
+
+@dataclass(frozen=True)
+class MismatchedPair:
+    """The prompt of example `prompt_of` with the completion of example `completion_of`, both of one split:
+    one sample of KTO's KL estimate (Ethayarajh et al. 2024, arXiv 2402.01306)."""
+
+    prompt_of: int
+    completion_of: int
+    encoded: Encoded
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+
+def shift_to_other_prompts(ids: list[int], prompts: list[int]) -> list[tuple[int, int]]:
+    """KTO's mismatched pairs of one batch, as (prompt of, completion of), one per position of `ids`.
+
+    Ethayarajh et al. 2024 (arXiv 2402.01306) shift the batch's completions by one; here each example's
+    prompt takes the completion of the next example in the batch (cyclically) whose prompt is different,
+    so neighbours that share a prompt never give a matched pair. `prompts[i]` names example i's prompt.
+    A pure function of `ids`; empty when every example of the batch has the same prompt.
+    """
+    keys = [prompts[i] for i in ids]
+    pairs = []
+    for k, key in enumerate(keys):
+        shift = next((s for s in range(1, len(ids)) if keys[(k + s) % len(ids)] != key), None)
+        if shift is None:  # no other prompt here, so none anywhere in the batch
+            return []
+        pairs.append((ids[k], ids[(k + shift) % len(ids)]))
+    return pairs
+
+
+def prompt_groups(examples: list[RatedExample]) -> list[int]:
+    """Example i's prompt as a small int, equal for equal prompt token ids (what the model sees)."""
+    groups: dict[tuple[int, ...], int] = {}
+    return [groups.setdefault(tuple(e.encoded.prompt), len(groups)) for e in examples]
 
 
 class RunningShift:
@@ -157,7 +196,13 @@ class Objective:
         return len(examples)
 
     def step_stats(self, model, examples: list) -> dict:
+        """Statistics of the whole optimizer step handed to every `loss_sum` of the step. `examples` is the
+        whole step over all ranks; an objective scores this rank's share and combines the ranks' sums."""
         return {}
+
+    def plan_steps(self, batch_indices: Callable[[int], list[int]], total_steps: int) -> None:
+        """Called before the reference pass with `batch_indices(step)` (a step's example ids over all ranks)
+        and the run's number of steps, for objectives whose reference depends on how steps group examples."""
 
     def end_step(self) -> None:
         for state in (self.shift, self.outliers):
@@ -266,32 +311,113 @@ class PairedObjective(Objective):
 
 @OBJECTIVES.register("unpaired", summary="KTO / BCO on (prompt, completion, thumbs up/down)")
 class UnpairedObjective(Objective):
+    """KTO (Ethayarajh et al. 2024, arXiv 2402.01306) or BCO (Jung et al. 2024, arXiv 2404.04656).
+
+    KTO's reference point z0 = max(0, mean log pi(y'|x) - log pi_ref(y'|x)) is taken, without gradient,
+    over mismatched pairs drawn within each optimizer step: each example's prompt with the completion of
+    the next example of the step whose prompt differs (`shift_to_other_prompts`), a pure function of the
+    step's example ids, so resume and any world size draw the same pairs. The paper computes pi_ref of
+    those pairs on the fly with the reference model in memory; here the reference leaves memory after
+    the offline trainer's reference pass, so `plan_steps` lists the pairs of every step of every epoch
+    the run reaches (the step ids are a pure function of (seed, step), and a resumed run reads its
+    config back unchanged) and the pass caches their reference log-probs with the rest: the same
+    numbers as the paper's, with no second model in memory. The pairs live in the extra split
+    `"{split}.mismatched"` (`MismatchedPair`s). A step whose examples all share one prompt has no
+    mismatched pair: its z0 is 0 (the floor of the clamp) and the `kl_unpaired` metric counts it.
+    Evaluation pairs each held-out example once and for all (the same rule over the split in file order)
+    and takes z0 over each eval micro-batch's pairs.
+    """
+
     def __init__(self, splits, pad_id, options):
-        super().__init__(splits, pad_id, {"name": "kto", **options})
+        super().__init__(dict(splits), pad_id, {"name": "kto", **options})
         entry = UNPAIRED_LOSSES.get(self.loss_name)
         self.loss_config = dict(self.options)
         self.beta = float(self.loss_config.get("beta", entry.defaults()["beta"]))
         self.uses_reference = True
+        self.prompts = {split: prompt_groups(examples) for split, examples in splits.items()}
+        self.pair_rows: dict[str, dict[tuple[int, int], int]] = {}
+        self.eval_pairs: list[tuple[int, int]] = []
+        if self.loss_name == "kto" and splits.get("eval"):
+            self.eval_pairs = shift_to_other_prompts(list(range(len(splits["eval"]))), self.prompts["eval"])
+            self._add_pairs("eval", self.eval_pairs)
 
-    def reference_sequences(self, example: RatedExample) -> list[Encoded]:
-        return [example.encoded, example.mismatched]
+    def reference_sequences(self, example: RatedExample | MismatchedPair) -> list[Encoded]:
+        return [example.encoded]
+
+    # ----- KTO's mismatched pairs -----
+    def mismatched_pairs(self, ids: list[int], split: str = "train") -> list[tuple[int, int]]:
+        """The mismatched pairs of a batch of `split`, (prompt of, completion of) per position of `ids`."""
+        return shift_to_other_prompts(ids, self.prompts[split])
+
+    def plan_steps(self, batch_indices: Callable[[int], list[int]], total_steps: int) -> None:
+        """KTO: the pairs of every step of every epoch the run reaches, whose reference log-probs the
+        reference pass then caches (whole epochs, so any step of them can be replayed)."""
+        if self.loss_name != "kto":
+            return
+        n, size = len(self.splits["train"]), len(batch_indices(0))
+        steps = math.ceil(math.ceil(total_steps * size / n) * n / size)
+        self._add_pairs("train", [p for step in range(steps) for p in self.mismatched_pairs(batch_indices(step))])
+
+    def _add_pairs(self, split: str, pairs: list[tuple[int, int]]) -> None:
+        rows = self.pair_rows.setdefault(split, {})
+        listed = self.splits.setdefault(f"{split}.mismatched", [])
+        for pair in pairs:
+            if pair not in rows:
+                rows[pair] = len(listed)
+                listed.append(self._pair(split, *pair))
+
+    def _pair(self, split: str, i: int, j: int) -> MismatchedPair:
+        """x_i with y_j as tokenized for example j, cut (as the encoder cuts) to fit max_length after x_i."""
+        own, other = self.splits[split][i], self.splits[split][j]
+        completion = other.encoded.completion
+        if own.max_length is not None and len(own.encoded.prompt) + len(completion) > own.max_length:
+            completion = completion[:own.max_length - len(own.encoded.prompt)]
+        return MismatchedPair(i, j, Encoded(own.encoded.prompt, completion))
+
+    def _pair_reference(self, split: str, pairs: list[tuple[int, int]]) -> tuple[list[int], Tensor]:
+        """Rows of `pairs` in the split's mismatched pairs, and their cached reference log-probs."""
+        key, rows = f"{split}.mismatched", self.pair_rows.get(split, {})
+        missing = [p for p in pairs if p not in rows]
+        if missing:
+            raise RuntimeError(f"KTO: mismatched pairs {missing[:3]} of {split!r} were not planned, so their "
+                               "reference log-probs were never computed (see UnpairedObjective.plan_steps)")
+        cached = self.reference.get(key)
+        if cached is None or len(cached) != len(self.splits[key]):
+            raise RuntimeError(f"the reference cache does not hold the {len(self.splits[key])} mismatched pairs "
+                               f"of {split!r} (written before KTO drew them per step?): start a new run")
+        ids = [rows[p] for p in pairs]
+        return ids, cached[ids, 0]
 
     @torch.no_grad()
-    def _kl_point(self, model, examples: list, split: str) -> Tensor:
-        """z0 over the step's mismatched pairs, on every rank's share of the step."""
-        ids = [i for i, _ in examples]
-        lp, _ = completion_logprobs(model, [e.mismatched for _, e in examples], self.pad_id)
-        kl = lp.float() - self.reference[split][ids, 1].to(lp.device)
-        sums = distributed.reduce_sums({"kl": float(kl.sum()), "n": len(ids)})
-        return kto_reference_point(lp.new_tensor([sums["kl"] / sums["n"]]), lp.new_zeros(1))
+    def _kl_point(self, model, pairs: list[tuple[int, int]], split: str) -> Tensor:
+        """z0 over every rank's `pairs` together: this rank scores its own, reduce_sums adds the ranks' sums."""
+        kl = torch.zeros(0, device=next(model.parameters()).device)
+        if pairs:
+            rows, ref = self._pair_reference(split, pairs)
+            seqs = [self.splits[f"{split}.mismatched"][r].encoded for r in rows]
+            lp, _ = completion_logprobs(model, seqs, self.pad_id)
+            kl = lp.float() - ref.to(lp.device)
+        sums = distributed.reduce_sums({"kl": float(kl.sum()), "n": len(pairs)})
+        if not sums["n"]:
+            return kl.new_zeros(())
+        return kto_reference_point(kl.new_tensor([sums["kl"] / sums["n"]]), kl.new_zeros(1))
 
     def _stats(self, model, examples: list, split: str) -> dict:
+        """A micro-batch scored on its own (evaluation): KTO's z0 over the fixed pairs of its examples;
+        BCO's running shift."""
         if self.loss_name == "kto":
-            return {"reference_point": self._kl_point(model, examples, split)}
+            pairs = [self.eval_pairs[i] for i, _ in examples] if split == "eval" and self.eval_pairs else []
+            return {"reference_point": self._kl_point(model, pairs, split), "kl_pairs": len(pairs)}
         return {"delta": self.shift.value} if self.shift is not None else {}
 
     def step_stats(self, model, examples: list) -> dict:
-        return self._stats(model, examples, "train")
+        """KTO: z0 over the mismatched pairs of the whole step (`examples`, over all ranks), this rank
+        scoring the pairs of its own share; BCO: the running shift from before the step."""
+        if self.loss_name != "kto":
+            return self._stats(model, examples, "train")
+        pairs = self.mismatched_pairs([i for i, _ in examples])
+        return {"reference_point": self._kl_point(model, distributed.shard_of(pairs), "train"),
+                "kl_pairs": len(pairs)}
 
     def loss_sum(self, model, examples: list, split: str, stats: dict, train: bool):
         ids = [i for i, _ in examples]
@@ -299,8 +425,9 @@ class UnpairedObjective(Objective):
         ref = self.reference[split][ids, 0].to(lp.device)
         labels = torch.tensor([e.label for _, e in examples], device=lp.device)
         stats = stats or self._stats(model, examples, split)
+        config = {k: v for k, v in stats.items() if k != "kl_pairs"}
         losses = unpaired_loss(self.loss_name, logps=lp, ref_logps=ref, labels=labels,
-                               **self.loss_config, **stats)
+                               **self.loss_config, **config)
         h = (lp - ref).detach()
         if self.shift is not None and train:
             self.shift.observe(self.beta * h)
@@ -309,6 +436,9 @@ class UnpairedObjective(Objective):
         correct = ((self.beta * h - boundary) > 0) == labels
         metrics = {"loss": losses.detach().sum(), "label_accuracy": correct.float().sum(),
                    "reward": self.beta * h.sum()}
+        if "kl_pairs" in stats:  # per example, so the step's mean is z0, and 1 on a step without pairs
+            metrics["reference_point"] = float(stats["reference_point"]) * len(examples)
+            metrics["kl_unpaired"] = 0.0 if stats["kl_pairs"] else float(len(examples))
         return losses.sum(), metrics
 
 

@@ -83,6 +83,7 @@ class OfflineMethod:
     def prepare(self, loop: Loop, resuming: bool) -> None:
         if not self.objective.uses_reference:
             return
+        self.objective.plan_steps(self.batch_indices, self.total_steps)
         cache = self.run.path / "reference_logps.safetensors"
         if cache.exists():
             self.objective.reference = load_file(cache)
@@ -118,7 +119,7 @@ class OfflineMethod:
         mine = distributed.shard_of(ids)
         norm = self.objective.count(everything)
         with loop.autocast():
-            stats = self.objective.step_stats(self.model, [(i, self.objective.splits["train"][i]) for i in mine])
+            stats = self.objective.step_stats(self.model, everything)
         sums = defaultdict(float)
         for micro_batch in self._micro_batches(mine):
             with loop.autocast():

@@ -105,9 +105,8 @@ def _comparison_examples(records, encoder: Encoder) -> list:
 
 @OBJECTIVE_DATA.register("unpaired", kind="rating")
 def _rated_examples(records, encoder: Encoder) -> list:
-    shifted = records[1:] + records[:1]  # prompt i with completion i+1: KTO's mismatched pairs
-    return [RatedExample(encoder.encode(r.prompt, r.completion), encoder.encode(r.prompt, o.completion),
-                         r.label) for r, o in zip(records, shifted, strict=True)]
+    """KTO's mismatched pairs are drawn within each step by the objective (UnpairedObjective), not here."""
+    return [RatedExample(encoder.encode(r.prompt, r.completion), r.label, encoder.cfg.max_length) for r in records]
 
 
 def _task_records(cfg: DataConfig, kind: str) -> tuple[list, list]:
