@@ -50,9 +50,9 @@ def test_two_ranks_compute_the_gradient_of_one_process(two_ranks, one_process, c
     ours, theirs = (load_file(d / f"{case}.grads.safetensors") for d in (one_process, two_ranks))
     assert ours.keys() == theirs.keys() and ours
     assert any(g.abs().sum() > 0 for g in ours.values()), "a zero gradient would prove nothing"
-    if case in LOOSE:   # bf16: the whole gradient within 3% of one process's, by norm
+    if case in LOOSE:
         error = sum((theirs[n] - g).norm() ** 2 for n, g in ours.items()) ** 0.5
-        assert error <= 0.03 * sum(g.norm() ** 2 for g in ours.values()) ** 0.5
+        assert error <= LOOSE[case] * sum(g.norm() ** 2 for g in ours.values()) ** 0.5
         return
     for name, grad in ours.items():
         torch.testing.assert_close(theirs[name], grad, rtol=1e-5, atol=1e-7, msg=name)

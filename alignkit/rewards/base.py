@@ -112,6 +112,7 @@ class PairwiseJudge(Protocol):
 
 
 class RewardComparison:
+    shardable = ("source",)
     """Any reward source as a pairwise judge: P(a > b) = sigma(r_a - r_b) (Bradley-Terry).
 
     Uncertainty, where the source reports one per score, is sqrt(u_a^2 + u_b^2), the spread of

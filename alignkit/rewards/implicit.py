@@ -23,6 +23,7 @@ from alignkit.rewards.base import CallStats, Prompt, Scores
 
 class ImplicitReward:
     reads_tokens = True   # scores the generated token ids when the trainer passes them
+    shardable = ("target", "baseline")
 
     def __init__(self, target, baseline, tokenizer, *, beta: float = 1.0, length_normalize: bool = False,
                  batch_size: int = 16, tokenize: TokenizeConfig | None = None):

@@ -22,6 +22,7 @@ def aggregate_scores(rewards: Tensor, aggregate: str = "mean", k: float = 1.0, f
 
 
 class RewardModel:
+    shardable = ("model",)   # models scored on every rank's equal share: FSDP2 may shard them (train/rl.py)
     """A sequence classifier (what `alignkit reward` trains) as a reward source.
 
     A one-output model gives its score. A model with K reward heads (`model.heads=K`) gives their
@@ -64,6 +65,7 @@ def _mean_minus_std(rewards: torch.Tensor, *, k: float = 1.0) -> torch.Tensor:
 
 
 class Ensemble:
+    shardable = ("members",)
     """K reward sources scored together; the members' spread (std) is the uncertainty.
 
     A member's failure marks the sample failed; the aggregate still uses every member's value.

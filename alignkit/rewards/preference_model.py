@@ -43,6 +43,7 @@ class PairScores:
 
 
 class PreferenceModelJudge:
+    shardable = ("model",)
     """A trained PreferenceModel as a PairwiseJudge: P(a better than b) with its uncertainty.
 
     The uncertainty is the SNGP head's u >= 1 (1 = certain), the dropout head's standard
@@ -81,6 +82,7 @@ def _every_other(values: Tensor | None, start: int) -> Tensor | None:
 
 
 class PreferenceEnsemble:
+    shardable = ("members",)
     """K pairwise judges (e.g. separately trained preference models): the mean of their logits,
     and the standard deviation of their logits as the uncertainty. A member's failure marks the
     pair failed (probability 0.5)."""

@@ -77,6 +77,8 @@ def _budget(q: float, n: int) -> int:
 class UncertaintyRouter:
     """A PairwiseJudge: the fast judge everywhere, the strong judge where the rule routes."""
 
+    shardable = ("fast",)   # the strong judge sees a data-dependent subset: never sharded
+
     def __init__(self, fast: PairwiseJudge, strong: PairwiseJudge, *, rule: str = "threshold",
                  strong_logit: float | None = 2.0, seed: int = 0, **rule_options):
         ROUTING.call(rule, Preference(torch.zeros(0), torch.zeros(0)), torch.Generator(), **rule_options)

@@ -241,6 +241,7 @@ def _diverted(stats: CallStats, into: CallStats) -> Iterator[None]:
 
 
 class Transformed:
+    shardable = ("source",)
     """A reward source whose scores pass through `steps` in order; failures stay marked.
 
     Reference steps need a `ReferenceSampler` (`sampler=` or `bind_reference`); see the module docstring.

@@ -15,6 +15,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from alignkit import distributed
 from alignkit.config import ConfigError, build, to_dict
 from alignkit.data.loaders import load_records
@@ -281,6 +283,19 @@ def _bind_reference(cfg: RLRunConfig, sources, reference_policy, tokenizer) -> N
             source.bind_reference(sampler)
 
 
+def scoring_models(*sources) -> list:
+    """The models inside reward sources and judges that every rank calls on an equal share (each class names
+    them in `shardable`), once each: under torchrun they are sharded like the policy."""
+    found = {}
+    for source in sources:
+        for name in getattr(source, "shardable", ()):
+            value = getattr(source, name)
+            for item in value if isinstance(value, list) else [value]:
+                models = [item] if isinstance(item, torch.nn.Module) else scoring_models(item)
+                found.update((id(m), m) for m in models)
+    return list(found.values())
+
+
 def run_rl(cfg: RLRunConfig, resume: str | Path | None = None, model=None, tokenizer=None, *,
            reward=None, judge=None) -> RLResult:
     """Run online RL end to end; with `resume`, continue a killed run from its last checkpoint.
@@ -312,6 +327,9 @@ def run_rl(cfg: RLRunConfig, resume: str | Path | None = None, model=None, token
     policy, critic, head = (prepare_model(m, cfg.train) if m is not None else None for m in (policy, critic, head))
     if reference is not None:
         reference = prepare_model(reference.requires_grad_(False), cfg.train)
+    for frozen in scoring_models(reward, judge, eval_reward):
+        if not distributed.is_sharded(frozen):
+            prepare_model(frozen.requires_grad_(False), cfg.train)
     generator = GENERATORS.call(cfg.rollout.backend, policy, tokenizer, **cfg.rollout.options)
     method = OnlineMethod(policy, tokenizer, generator, encode[0], train_records, cfg.rl, cfg.rollout.sampling(),
                           steps=cfg.train.steps, seed=cfg.train.seed, micro_batch_size=cfg.train.micro_batch_size,
