@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from dist_workers.train_worker import CASES, LOOSE, ONLINE, run_cases
+from dist_workers.train_worker import ANY_BATCH, CASES, LOOSE, ONLINE, run_cases
 from safetensors.torch import load_file
 from torchrun import ROOT, torchrun, torchrun_command, worker_env
 
@@ -45,7 +45,10 @@ def one_process(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("case", CASES)
+SAME_BATCH = [c for c in CASES if c not in ANY_BATCH]
+
+
+@pytest.mark.parametrize("case", SAME_BATCH)
 def test_two_ranks_compute_the_gradient_of_one_process(two_ranks, one_process, case):
     ours, theirs = (load_file(d / f"{case}.grads.safetensors") for d in (one_process, two_ranks))
     assert ours.keys() == theirs.keys() and ours
@@ -58,7 +61,7 @@ def test_two_ranks_compute_the_gradient_of_one_process(two_ranks, one_process, c
         torch.testing.assert_close(theirs[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c not in LOOSE])
+@pytest.mark.parametrize("case", [c for c in SAME_BATCH if c not in LOOSE])
 def test_two_ranks_end_with_the_weights_of_one_process(two_ranks, one_process, case):
     ours, theirs = (_weights(d / "runs" / case) for d in (one_process, two_ranks))
     assert ours.keys() == theirs.keys()
@@ -66,7 +69,15 @@ def test_two_ranks_end_with_the_weights_of_one_process(two_ranks, one_process, c
         torch.testing.assert_close(theirs[name], weight, rtol=0, atol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("case", list(ONLINE))
+def test_dynamic_sampling_gives_every_rank_an_equal_share(two_ranks):
+    rows = [json.loads(line) for line in (two_ranks / "runs" / "dapo" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "train/groups" in r]
+    assert len(steps) == 2 and all(r["train/groups"] % 2 == 0 and r["train/groups"] > 0 for r in steps)
+    shares = [json.loads((two_ranks / f"dapo.tokens.rank-{r}.json").read_text()) for r in (0, 1)]
+    assert len(shares[0]) == len(shares[1]) > 0, "each rank trains on as many completions"
+
+
+@pytest.mark.parametrize("case", [c for c in ONLINE if c not in ANY_BATCH])
 def test_two_ranks_sample_the_completions_of_one_process(two_ranks, one_process, case):
     ours = json.loads((one_process / f"{case}.tokens.rank-0.json").read_text())
     theirs = [t for r in (0, 1) for t in json.loads((two_ranks / f"{case}.tokens.rank-{r}.json").read_text())]

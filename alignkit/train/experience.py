@@ -52,6 +52,19 @@ class Experience:
         return len(self.completions)
 
 
+@dataclass
+class Group:
+    """One prompt's G completions and their signal: rewards [G] or preferences [G, G]."""
+
+    records: list[PromptRecord]
+    completions: list[Completion]
+    signal: Tensor
+
+    @property
+    def varies(self) -> bool:
+        return bool(self.signal.max() > self.signal.min())
+
+
 class PhaseTimer:
     def __init__(self):
         self.seconds = defaultdict(float)
@@ -135,36 +148,51 @@ class Collector:
         d[rows, second, first] = -signal.cpu()
         return d
 
+    def sample_round(self, policy, step: int, round_: int, n: int, timer: PhaseTimer) -> list[Group]:
+        """This rank's groups of the next `n` prompts of the stream (n splits evenly over the ranks)."""
+        g = self.cfg.group_size
+        everyone = self.next_prompts(n)
+        positions = distributed.shard_of(list(range(n)))
+        ids = [everyone[k] for k in positions]
+        records = [self.records[i] for i in ids for _ in range(g)]
+        seeds = [sampling_seed(self.seed, step, round_, k * g + j) for k in positions for j in range(g)]
+        with timer("generate"):
+            completions = self.generate(policy, [self.prompts[i].prompt for i in ids for _ in range(g)],
+                                        self.sampling, seeds)
+        with timer("score"):
+            signal = (self.judge_groups(records, completions, g) if self.wants_preferences
+                      else self.score(records, completions).view(-1, g))
+        return [Group(records[p * g:(p + 1) * g], completions[p * g:(p + 1) * g], signal[p])
+                for p in range(len(ids))]
+
     def collect(self, policy, step: int, timer: PhaseTimer) -> tuple[Experience, dict]:
-        """This rank's share of the step's groups; with dynamic sampling (DAPO) groups whose signal does not
-        vary are dropped and more prompts are sampled, up to `max_sampling_rounds` rounds."""
-        g, wanted = self.cfg.group_size, self.cfg.prompts_per_step
-        kept_records, kept_completions, kept_signal = [], [], []
-        rounds, seen, flat = 0, 0, 0
-        limit = self.cfg.max_sampling_rounds if self.cfg.dynamic_sampling else 1
-        while len(kept_signal) < wanted and rounds < limit:
-            everyone = self.next_prompts(wanted - len(kept_signal))
-            positions = distributed.shard_of(list(range(len(everyone))))
-            ids = [everyone[k] for k in positions]
-            records = [self.records[i] for i in ids for _ in range(g)]
-            seeds = [sampling_seed(self.seed, step, rounds, k * g + j) for k in positions for j in range(g)]
-            with timer("generate"):
-                completions = self.generate(policy, [self.prompts[i].prompt for i in ids for _ in range(g)],
-                                            self.sampling, seeds)
-            with timer("score"):
-                signal = (self.judge_groups(records, completions, g) if self.wants_preferences
-                          else self.score(records, completions).view(-1, g))
-            varies = (signal.flatten(1).amax(1) - signal.flatten(1).amin(1)) > 0
-            flat += int((~varies).sum())
-            seen += len(ids)
-            for p in range(len(ids)):
-                if varies[p] or not self.cfg.dynamic_sampling:
-                    kept_records += records[p * g:(p + 1) * g]
-                    kept_completions += completions[p * g:(p + 1) * g]
-                    kept_signal.append(signal[p])
-            rounds += 1
-        stacked = torch.stack(kept_signal) if kept_signal else None
-        experience = Experience(kept_records, kept_completions, None if self.wants_preferences else stacked,
-                                stacked if self.wants_preferences else None)
-        return experience, {"zero_variance_groups": flat / max(seen, 1), "sampling_rounds": rounds,
-                            "groups": len(kept_signal)}
+        """This rank's share of the step's groups.
+
+        With dynamic sampling (DAPO) groups whose signal does not vary are dropped and more prompts are
+        sampled, up to `max_sampling_rounds` rounds. The kept groups of every rank are gathered after each
+        round (so all ranks agree on what is still missing), and the step's groups are then shared out
+        again in equal contiguous parts; a round samples the missing count rounded up to a multiple of the
+        world size, so more than one rank may give different (equally valid) batches than one process.
+        """
+        wanted, world = self.cfg.prompts_per_step, distributed.world_size()
+        if not self.cfg.dynamic_sampling:
+            mine = self.sample_round(policy, step, 0, wanted, timer)
+            flat = distributed.reduce_sums({"n": sum(not group.varies for group in mine)})["n"]
+            return self._experience(mine), {"zero_variance_groups": flat / wanted, "sampling_rounds": 1,
+                                            "groups": wanted}
+        kept, rounds, seen, flat = [], 0, 0, 0
+        while len(kept) < wanted and rounds < self.cfg.max_sampling_rounds:
+            n = -(-(wanted - len(kept)) // world) * world
+            everyone = [group for part in distributed.gather_objects(self.sample_round(policy, step, rounds, n, timer))
+                        for group in part]
+            kept += [group for group in everyone if group.varies]
+            seen, flat, rounds = seen + n, flat + sum(not group.varies for group in everyone), rounds + 1
+        kept = kept[:wanted][:len(kept[:wanted]) // world * world]
+        return self._experience(distributed.shard_of(kept)), {
+            "zero_variance_groups": flat / max(seen, 1), "sampling_rounds": rounds, "groups": len(kept)}
+
+    def _experience(self, groups: list[Group]) -> Experience:
+        signal = torch.stack([group.signal for group in groups]) if groups else None
+        return Experience([r for group in groups for r in group.records],
+                          [c for group in groups for c in group.completions],
+                          None if self.wants_preferences else signal, signal if self.wants_preferences else None)

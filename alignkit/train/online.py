@@ -136,9 +136,6 @@ class OnlineMethod:
                                             % cfg.mini_batches):
             raise ValueError(f"rl.prompts_per_step ({cfg.prompts_per_step}) must split evenly over {world} ranks, "
                              "and each rank's completions evenly into rl.mini_batches")
-        if cfg.dynamic_sampling and world > 1:
-            raise ValueError("rl.dynamic_sampling runs in one process only for now (ranks would keep different "
-                             "numbers of groups)")
         if "preferences" in self.wants:
             if reward is None and judge is None:
                 raise ValueError(f"advantage {cfg.advantage!r} needs a pairwise judge (or a reward source)")

@@ -35,7 +35,8 @@ OFFLINE = {  # name -> (command, loss, extra train.* options)
     "reward": ("reward", {"name": "bradley_terry"}, {}),
     "pairwise": ("pairwise-rm", {}, {}),
 }
-ONLINE = {"grpo": {}, "ppo": {}, "grpo-rm": {}}   # grpo-rm: rewards from a (frozen, sharded) reward model
+ONLINE = {"grpo": {}, "ppo": {}, "grpo-rm": {}, "dapo": {"overlong_buffer": 0}}   # grpo-rm: a sharded reward model
+ANY_BATCH = {"dapo"}   # dynamic sampling rounds prompts up to a multiple of the world size: other batches
 CASES = (*OFFLINE, *ONLINE)
 # The whole gradient within this relative distance of one process's, by norm, instead of element by element:
 # bf16 (FSDP2 casts whole layers, one process autocasts per op); rewards a sharded model computes, whose
@@ -71,7 +72,7 @@ def run_online(name: str, out: Path, micro: int | None):
                        "data": {"task": "arithmetic", "task_options": {"max_operand": 9}, "eval_size": 6},
                        "rollout": {"max_new_tokens": 4},
                        "train": {**_train_options(micro), "lr": 1e-2},
-                       "rl": {"prompts_per_step": 4, "group_size": 4 if name.startswith("grpo") else 2}})
+                       "rl": {"prompts_per_step": 4, "group_size": 2 if name == "ppo" else 4, **ONLINE[name]}})
     reward = (RewardModel(tiny_reward_model(tiny_model_and_tokenizer(seed=5)[0]), tokenizer) if name == "grpo-rm"
               else RuleReward(lambda prompt, completion, reference: float(len(completion))))  # varies from the start
     path = run_rl(cfg, model=model, tokenizer=tokenizer, reward=reward).run.path
