@@ -433,3 +433,20 @@ def test_gspo_refuses_an_aggregation_that_drops_its_length_normalisation(tmp_pat
         cfg = rl_config(tmp_path, "gspo", {"aggregation": aggregation})
         with pytest.raises(ValueError, match="rl.importance_ratio=sequence needs rl.aggregation"):
             run_rl(cfg, model=model, tokenizer=tokenizer, reward=RuleReward(lambda p, c, r: float(len(c))))
+
+
+def test_rl_holds_out_eval_prompts_as_every_trainer_does(tmp_path):
+    """A seeded random eval_fraction of the file (the offline rule), not the file's first lines."""
+    import random
+
+    from alignkit.train.recipes import DataConfig, load_splits
+    from alignkit.train.rl import RLDataConfig, load_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1)}) + "\n" for i in range(20)))
+    train_records, eval_records = load_prompts(RLDataConfig(train=str(path), eval_fraction=0.25, seed=3))
+    expected = random.Random(3).sample(range(20), 20)[:5]
+    assert [r.index for r in eval_records] == expected != list(range(5))
+    _, offline_eval, _ = load_splits(DataConfig(train=str(path), eval_fraction=0.25, seed=3), "demonstration")
+    assert [r.index for r in offline_eval] == expected
+    assert len(train_records) == 15

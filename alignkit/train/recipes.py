@@ -133,6 +133,12 @@ def load_splits(cfg: DataConfig, kind: str) -> tuple[list, list, list[str]]:
     if cfg.train is None:
         train, evaluation = _task_records(cfg, kind)
         return train, evaluation, []
+    return load_files(cfg, kind)
+
+
+def load_files(cfg, kind: str) -> tuple[list, list, list[str]]:
+    """Records of one kind from `cfg.train` (and `cfg.eval`); the files read. Every trainer holds out the
+    same way: without an eval file, a seeded random `eval_fraction` of the training records."""
     loaded = load_records(cfg.train, kind, columns=cfg.columns, on_error=cfg.on_error, split=cfg.split)
     if loaded.skipped and distributed.is_main():
         print(f"{cfg.train}: {loaded.summary()}", flush=True)

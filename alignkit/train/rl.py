@@ -19,7 +19,6 @@ import torch
 
 from alignkit import distributed
 from alignkit.config import ConfigError, build, to_dict
-from alignkit.data.loaders import load_records
 from alignkit.data.records import PromptRecord
 from alignkit.data.tokenize import Encoder, TokenizeConfig
 from alignkit.judges.templates import pairwise_messages
@@ -31,7 +30,7 @@ from alignkit.sources import build_source
 from alignkit.tasks import TASKS
 from alignkit.train.loop import Loop, TrainConfig
 from alignkit.train.online import OnlineMethod, RLConfig, make_critic
-from alignkit.train.recipes import open_run, prepare_model
+from alignkit.train.recipes import load_files, open_run, prepare_model
 from alignkit.train.rundir import RunDir
 
 
@@ -196,12 +195,7 @@ def load_prompts(cfg: RLDataConfig) -> tuple[list[PromptRecord], list[PromptReco
     if cfg.train is None:
         return (convert(_task_records(cfg, cfg.kind, cfg.task_size, cfg.seed, "train"), cfg),
                 convert(_task_records(cfg, cfg.kind, cfg.eval_size, cfg.seed + 10_000, cfg.eval_split), cfg))
-    train = load_records(cfg.train, cfg.kind, columns=cfg.columns, on_error=cfg.on_error, split=cfg.split).records
-    if cfg.eval:
-        evaluation = load_records(cfg.eval, cfg.kind, columns=cfg.columns, on_error=cfg.on_error).records
-    else:
-        n_eval = int(len(train) * cfg.eval_fraction)
-        evaluation, train = train[:n_eval], train[n_eval:]
+    train, evaluation, _ = load_files(cfg, cfg.kind)
     return convert(train, cfg), convert(evaluation, cfg)
 
 
