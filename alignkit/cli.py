@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alignkit", description="Train language models from feedback.")
     sub = parser.add_subparsers(dest="command", required=True)
     for entry in COMMANDS:
-        p = sub.add_parser(entry.name, help=entry.summary, description=entry.summary,
+        p = sub.add_parser(entry.name, help=entry.summary.replace("%", "%%"), description=entry.summary,
                            epilog=EPILOGS.get(entry.name, lambda: None)(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         if "arguments" in entry.meta:

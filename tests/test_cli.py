@@ -81,3 +81,12 @@ def test_demo_console_script_runs_the_main_job(tmp_path):
     assert sorted(p.name for p in demo.iterdir() if (p / "metrics.jsonl").exists()) == [
         "1-base", "2-sft", "3-reward-model", "4-dpo", "5-grpo", "6-self-rewarding-ppo"]
     assert "<svg" in (demo / "report.html").read_text()
+
+
+def test_top_level_help_lists_every_command(capsys):
+    """argparse %-formats help strings: a summary with '95%' used to crash `alignkit --help`."""
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("sft", "dpo", "rl", "experiment", "report")) and "95% CIs" in out
