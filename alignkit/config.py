@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -64,7 +65,42 @@ def build(cls: type, data: dict | None, where: str = "") -> Any:
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key {path!r}{hint}")
         values[key] = _coerce(hints[key], value, path)
+        _check_value(cls, key, values[key], path)
     return cls(**values)
+
+
+def _check_value(cls: type, key: str, value: Any, path: str) -> None:
+    """Finite numbers everywhere; a class's `RANGES` (inclusive bounds) and `CHOICES` (a tuple, or a function
+    giving one: a registry's names) for its own fields."""
+    if _has_non_finite(value):
+        raise ConfigError(f"{path} must hold finite numbers, got {value!r}")
+    low, high = getattr(cls, "RANGES", {}).get(key, (None, None))
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = " and ".join(part for part in (f">= {low}" if low is not None else "",
+                                                    f"<= {high}" if high is not None else "") if part)
+            raise ConfigError(f"{path} must be {bounds}, got {value!r}")
+    choices = getattr(cls, "CHOICES", {}).get(key)
+    if choices is not None and value is not None:
+        allowed = tuple(choices() if callable(choices) else choices)
+        if value not in allowed:
+            raise ConfigError(f"{path} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+
+def _has_non_finite(value: Any, in_options: bool = False) -> bool:
+    """NaN or infinity; inside free-form options (a loss's `beta`) also the strings YAML leaves them as."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, str) and in_options:
+        try:
+            return not math.isfinite(float(value))
+        except ValueError:
+            return False
+    if isinstance(value, dict):
+        return any(_has_non_finite(v, True) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_non_finite(v, in_options) for v in value)
+    return False
 
 
 def _coerce(hint: Any, value: Any, path: str) -> Any:
@@ -81,6 +117,11 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
                 return _scalar(option, value)
             except (TypeError, ValueError):
                 continue
+        elif option is list:
+            if isinstance(value, str):   # one stop string, not its characters
+                return [value]
+            if isinstance(value, list | tuple):
+                return list(value)
         elif option is not type(None):
             return value
     expected = " or ".join(getattr(o, "__name__", str(o)) for o in options)

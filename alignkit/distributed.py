@@ -33,6 +33,9 @@ class DistributedConfig:
     cpu_offload: bool = False             # FSDP2 CPUOffloadPolicy: parameters, gradients and optimizer state on CPU
     timeout_s: int = 600                  # a collective waiting longer than this fails the job (a dead peer)
 
+    RANGES = {"timeout_s": (1, None)}
+    CHOICES = {"backend": BACKENDS}
+
 
 def launched() -> bool:
     """True when this process was started by torchrun (or any launcher that sets the env:// variables)."""

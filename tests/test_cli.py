@@ -90,3 +90,25 @@ def test_top_level_help_lists_every_command(capsys):
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert all(name in out for name in ("sft", "dpo", "rl", "experiment", "report")) and "95% CIs" in out
+
+
+@pytest.mark.parametrize("command, bad, message", [
+    ("sft", "train.steps=-3", "train.steps must be >= 1"),
+    ("sft", "train.batch_size=0", "train.batch_size must be >= 1"),
+    ("sft", "train.precision=fp8", "train.precision must be one of auto, fp32, bf16"),
+    ("dpo", "loss.beta=nan", "loss must hold finite numbers"),
+    ("rl", "rl.aggregation=token-sum", "rl.aggregation must be one of"),
+    ("rl", "rollout.top_p=1.5", "rollout.top_p must be >= 0 and <= 1"),
+])
+def test_bad_values_fail_before_a_run_directory_exists(tmp_path, capsys, command, bad, message):
+    assert main([command, "--model", "tiny", f"output_dir={tmp_path}", bad]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [], "no run directory for an invalid config"
+
+
+def test_a_single_stop_string_is_one_stop_string():
+    from alignkit.config import apply_overrides, build
+    from alignkit.train.rl import RLRunConfig
+
+    cfg = build(RLRunConfig, apply_overrides({}, ["rollout.stop=</s>"]))
+    assert cfg.rollout.stop == ["</s>"]

@@ -26,6 +26,8 @@ class TokenizeConfig:
     max_prompt_length: int = 256
     template: str = "auto"
 
+    RANGES = {"max_length": (2, None), "max_prompt_length": (1, None)}
+
 
 @dataclass(frozen=True)
 class Encoded:

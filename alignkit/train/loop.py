@@ -63,12 +63,17 @@ class TrainConfig:
     progress: bool = True
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
+    RANGES = {"steps": (1, None), "epochs": (0, None), "batch_size": (1, None), "micro_batch_size": (1, None),
+              "lr": (0, None), "weight_decay": (0, None), "warmup_steps": (0, None), "max_grad_norm": (0, None),
+              "eval_every": (0, None), "save_every": (0, None), "keep_checkpoints": (0, None),
+              "max_nonfinite_skips": (0, None)}
+    CHOICES = {"schedule": tuple(SCHEDULES), "on_nonfinite": NONFINITE_POLICIES, "precision": PRECISIONS}
+
     def check(self) -> None:
-        for name, value, allowed in (("schedule", self.schedule, tuple(SCHEDULES)),
-                                     ("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES),
-                                     ("precision", self.precision, PRECISIONS)):
-            if value not in allowed:
-                raise ValueError(f"train.{name} must be one of {', '.join(allowed)}, got {value!r}")
+        """The choices again, for a config built in Python rather than read (`build` checks those)."""
+        for name, allowed in self.CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"train.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
 
 class NonFiniteError(RuntimeError):

@@ -80,6 +80,14 @@ class RLConfig:
     overlong_coef: float = 1.0
     preference_signal: str = "logit"
 
+    RANGES = {"prompts_per_step": (1, None), "group_size": (1, None), "ppo_epochs": (1, None),
+              "mini_batches": (1, None), "critic_lr": (0, None), "clip_low": (0, None), "clip_high": (0, None),
+              "dual_clip": (1, None), "kl_coef": (0, None), "entropy_coef": (0, None), "value_coef": (0, None),
+              "value_clip": (0, None), "max_sampling_rounds": (1, None), "overlong_buffer": (0, None)}
+    CHOICES = {"advantage": ADVANTAGES.names, "aggregation": AGGREGATIONS.names, "kl_estimator": KL_ESTIMATORS.names,
+               "importance_ratio": IMPORTANCE_RATIOS.names, "preference_signal": PREFERENCE_SIGNALS.names,
+               "kl_in": ("loss", "reward"), "critic": CRITICS}
+
 
 def make_critic(policy, cfg: RLConfig):
     """(separate value model, shared-trunk value head): the one the estimator needs, or (None, None)."""

@@ -48,6 +48,9 @@ class DataConfig:
     judge_template: str = "pairwise"  # judge-sft: the prompt template judgements are rendered with
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
 
+    RANGES = {"eval_fraction": (0, 1), "task_size": (1, None), "eval_size": (0, None), "flip_rate": (0, 1),
+              "targeted_flip_rate": (0, 1)}
+
 
 @dataclass
 class RunConfig:

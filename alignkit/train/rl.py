@@ -52,6 +52,8 @@ class RLDataConfig:
     seed: int = 0
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
 
+    RANGES = {"eval_fraction": (0, 1), "task_size": (1, None), "eval_size": (0, None)}
+
 
 @dataclass
 class RolloutConfig:
@@ -61,7 +63,9 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    stop: list[str] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)   # a single string is one stop string
+
+    RANGES = {"max_new_tokens": (1, None), "temperature": (0, None), "top_p": (0, 1), "top_k": (0, None)}
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(self.max_new_tokens, self.temperature, self.top_p, self.top_k, tuple(self.stop))
