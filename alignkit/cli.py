@@ -7,12 +7,13 @@ import importlib
 import os
 import sys
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
 from alignkit import distributed
 from alignkit.algorithms import PREFERENCE_LOSSES, REWARD_LOSSES, UNPAIRED_LOSSES
-from alignkit.config import ConfigError, apply_overrides, load_yaml
+from alignkit.config import ConfigError, apply_overrides, build, describe, load_yaml, to_dict
 from alignkit.registry import Registry
 
 COMMANDS = Registry("command")
@@ -101,32 +102,38 @@ def _report(title: str, table: Table, run_path) -> None:
         console.print(f"run directory: {run_path}", soft_wrap=True)
 
 
-@COMMANDS.register("sft", summary="supervised fine-tuning on demonstrations")
+@COMMANDS.register("sft", summary="supervised fine-tuning on demonstrations",
+                   config="alignkit.train.recipes:RunConfig")
 def cmd_sft(args) -> int:
     return _run_training("sft", args, {"model.name": args.model})
 
 
-@COMMANDS.register("preference", summary="offline preference training with any registered loss")
+@COMMANDS.register("preference", summary="offline preference training with any registered loss",
+                   config="alignkit.train.recipes:RunConfig")
 def cmd_preference(args) -> int:
     return _run_training("preference", args, {"model.name": args.model, "loss.name": args.loss})
 
 
-@COMMANDS.register("reward", summary="train a scalar reward model (Bradley-Terry or R3M) on comparisons")
+@COMMANDS.register("reward", summary="train a scalar reward model (Bradley-Terry or R3M) on comparisons",
+                   config="alignkit.train.recipes:RunConfig")
 def cmd_reward(args) -> int:
     return _run_training("reward", args, {"model.name": args.model, "loss.name": args.loss})
 
 
-@COMMANDS.register("pairwise-rm", summary="train a pairwise preference model P(a > b) with SNGP uncertainty")
+@COMMANDS.register("pairwise-rm", summary="train a pairwise preference model P(a > b) with SNGP uncertainty",
+                   config="alignkit.train.recipes:RunConfig")
 def cmd_pairwise_rm(args) -> int:
     return _run_training("pairwise-rm", args, {"model.name": args.model})
 
 
-@COMMANDS.register("judge-sft", summary="Think-RM stage 1: SFT a generative judge on judgement traces")
+@COMMANDS.register("judge-sft", summary="Think-RM stage 1: SFT a generative judge on judgement traces",
+                   config="alignkit.train.recipes:RunConfig")
 def cmd_judge_sft(args) -> int:
     return _run_training("judge-sft", args, {"model.name": args.model})
 
 
-@COMMANDS.register("rl", summary="online RL: GRPO, PPO, DAPO, Self-Rewarding PPO, pairwise RLHF, ... (--recipe)")
+@COMMANDS.register("rl", summary="online RL: GRPO, PPO, DAPO, Self-Rewarding PPO, pairwise RLHF, ... (--recipe)",
+                   config="alignkit.train.rl:RLRunConfig")
 def cmd_rl(args) -> int:
     from alignkit.train.rl import config_from, run_rl
 
@@ -153,7 +160,8 @@ def cmd_eval_rm(args) -> int:
     return run(args)
 
 
-@COMMANDS.register("dpo", summary="alias of `preference` (default loss dpo)")
+@COMMANDS.register("dpo", summary="alias of `preference` (default loss dpo)",
+                   config="alignkit.train.recipes:RunConfig")
 def cmd_dpo(args) -> int:
     return cmd_preference(args)
 
@@ -208,6 +216,46 @@ def cmd_report(args) -> int:
     return run(args)
 
 
+def _epilog(entry) -> str | None:
+    """The command's tables (losses, recipes), then its configuration keys when it takes a config."""
+    parts = [EPILOGS[entry.name]()] if entry.name in EPILOGS else []
+    if "config" in entry.meta:
+        parts.append(_key_table(_import(entry.meta["config"])))
+    return "\n\n".join(parts) or None
+
+
+def _key_table(cls) -> str:
+    rows = describe(cls)
+    width = max(len(key) for key, *_ in rows)
+    lines = ["configuration keys (key.path=value; `alignkit config COMMAND` prints them as YAML):"]
+    lines += [f"  {key:<{width}}  {kind} = {default}  {line}" for key, kind, default, line in rows]
+    return "\n".join(lines)
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="a training command: " + ", ".join(e.name for e in COMMANDS if "config" in e.meta))
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value",
+                        help="shown resolved, as a run would (rl: recipe=NAME shows a recipe's defaults)")
+
+
+@COMMANDS.register("config", summary="print a command's full default configuration as YAML (with overrides applied)",
+                   arguments="alignkit.cli:_config_arguments")
+def cmd_config(args) -> int:
+    entry = COMMANDS.get(args.name)
+    if "config" not in entry.meta:
+        raise ConfigError(f"{args.name!r} takes no configuration; these do: "
+                          + ", ".join(e.name for e in COMMANDS if "config" in e.meta))
+    data = apply_overrides({}, args.overrides)
+    if args.name == "rl":
+        from alignkit.train.rl import config_from
+
+        cfg = config_from(data)
+    else:
+        cfg = build(_import(entry.meta["config"]), data)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
 def _import(spec: str):
     module, _, name = spec.partition(":")
     return getattr(importlib.import_module(module), name)
@@ -218,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for entry in COMMANDS:
         p = sub.add_parser(entry.name, help=entry.summary.replace("%", "%%"), description=entry.summary,
-                           epilog=EPILOGS.get(entry.name, lambda: None)(),
+                           epilog=_epilog(entry),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         if "arguments" in entry.meta:
             _import(entry.meta["arguments"])(p)

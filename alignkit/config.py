@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -152,3 +154,45 @@ def _scalar(kind: type, value: Any) -> Any:
 
 def to_dict(obj: Any) -> Any:
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, one line) for every configuration key of dataclass `cls`, nested ones dotted.
+
+    The line is the comment on the field's line in the class's source, where it has one."""
+    hints, notes = typing.get_type_hints(cls), _field_comments(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        key, hint = f"{prefix}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            rows += describe(hint, f"{key}.")
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        rows.append((key, _type_name(hint), _yaml_scalar(default), notes.get(f.name) or _limits(cls, f.name)))
+    return rows
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _limits(cls: type, name: str) -> str:
+    """A line from the field's declared choices or range, for a field without a comment."""
+    choices = getattr(cls, "CHOICES", {}).get(name)
+    if choices is not None:
+        return "one of " + ", ".join(map(str, choices() if callable(choices) else choices))
+    low, high = getattr(cls, "RANGES", {}).get(name, (None, None))
+    return " and ".join(p for p in (f">= {low}" if low is not None else "", f"<= {high}" if high is not None
+                                    else "") if p)
+
+
+def _type_name(hint: Any) -> str:
+    return " | ".join(getattr(o, "__name__", str(o)).replace("NoneType", "null") for o in _union_members(hint))
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.*)$", source, re.MULTILINE)}

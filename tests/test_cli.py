@@ -112,3 +112,34 @@ def test_a_single_stop_string_is_one_stop_string():
 
     cfg = build(RLRunConfig, apply_overrides({}, ["rollout.stop=</s>"]))
     assert cfg.rollout.stop == ["</s>"]
+
+
+def test_every_command_has_help_and_training_commands_list_their_keys(capsys):
+    from alignkit.cli import COMMANDS
+
+    for entry in COMMANDS:
+        with pytest.raises(SystemExit) as done:
+            main([entry.name, "--help"])
+        assert done.value.code == 0, entry.name
+        out = capsys.readouterr().out
+        if "config" in entry.meta:
+            assert "configuration keys" in out, entry.name
+            for key in ("train.lr", "train.distributed.reshard_after_forward", "model.attn_implementation"):
+                assert key in out, (entry.name, key)
+    with pytest.raises(SystemExit):
+        main(["rl", "--help"])
+    rl_help = capsys.readouterr().out
+    assert "rl.kl_coef" in rl_help and "rollout.stop" in rl_help and "float = 0.0" in rl_help
+
+
+def test_config_prints_the_resolved_defaults_as_yaml_that_builds_the_same_config(capsys):
+    import yaml
+
+    from alignkit.train.rl import config_from
+
+    assert main(["config", "rl", "recipe=ppo", "train.lr=1e-6"]) == 0
+    data = yaml.safe_load(capsys.readouterr().out)
+    assert data["rl"]["advantage"] == "gae" and data["train"]["lr"] == 1e-6
+    assert config_from(data) == config_from({"recipe": "ppo", "train": {"lr": 1e-6}})
+    assert main(["config", "serve"]) == 2
+    assert "takes no configuration" in capsys.readouterr().err

@@ -22,11 +22,12 @@ Prompt = str | list[dict]
 
 @dataclass
 class TokenizeConfig:
-    max_length: int = 512
-    max_prompt_length: int = 256
-    template: str = "auto"
+    max_length: int = 512           # tokens of prompt and completion together; longer examples are cut
+    max_prompt_length: int = 256    # tokens of the prompt (cut from the left)
+    template: str = "auto"          # chat (the tokenizer's template), plain, or auto: chat where there is one
 
     RANGES = {"max_length": (2, None), "max_prompt_length": (1, None)}
+    CHOICES = {"template": ("auto", "chat", "plain")}
 
 
 @dataclass(frozen=True)

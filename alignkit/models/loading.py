@@ -19,13 +19,13 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
 class ModelConfig:
     """Which model to train. `name` is "tiny", a local directory, or a hub id."""
 
-    name: str = "tiny"
-    tokenizer: str | None = None
+    name: str = "tiny"                  # "tiny", a local model folder, a finished run directory, or a hub id
+    tokenizer: str | None = None        # a different tokenizer folder or hub id; default: the model's
     dtype: str = "float32"     # weights as stored and trained; train.precision=bf16 keeps fp32 masters instead
     attn_implementation: str = "sdpa"   # or "eager", "flash_attention_2" (where installed), ...
-    trust_remote_code: bool = False
-    revision: str | None = None
-    gguf_file: str | None = None
+    trust_remote_code: bool = False     # run the model repository's own code (only when you ask)
+    revision: str | None = None         # hub revision (branch, tag or commit)
+    gguf_file: str | None = None        # load this GGUF file from the `name` folder (dequantised)
     lora: dict | None = None   # peft LoraConfig options, e.g. {r: 16, lora_alpha: 32}; trains adapters only
     heads: int = 1             # reward models: K reward heads on one backbone (an ensemble's members)
     pairwise: PairwiseConfig = field(default_factory=PairwiseConfig)  # preference models: the head

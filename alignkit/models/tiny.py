@@ -29,15 +29,15 @@ TINY_CHAT_TEMPLATE = (
 class TinyConfig:
     """Size of the tiny model; the defaults give about 0.1M parameters."""
 
-    vocab_size: int = 128
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    max_positions: int = 512
-    chat_template: bool = False
-    seed: int = 0
+    vocab_size: int = 128          # tokens (at least the characters and special tokens)
+    hidden_size: int = 64          # model width
+    intermediate_size: int = 128   # MLP width
+    num_layers: int = 2            # decoder layers
+    num_heads: int = 4             # attention heads
+    num_kv_heads: int = 2          # key/value heads (grouped-query attention)
+    max_positions: int = 512       # longest sequence
+    chat_template: bool = False    # give the tokenizer a small chat template
+    seed: int = 0                  # weight initialisation
 
 
 def tiny_tokenizer(vocab_size: int = 128, chat_template: bool = False) -> PreTrainedTokenizerFast:

@@ -45,22 +45,22 @@ class TrainConfig:
     epochs: float = 1.0               # offline only
     batch_size: int = 8               # offline: examples per optimizer step, over all ranks
     micro_batch_size: int | None = None  # examples (completions online) per forward/backward on one rank
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    schedule: str = "cosine"
+    lr: float = 1e-4                  # AdamW learning rate (policy; the critic's is rl.critic_lr)
+    weight_decay: float = 0.0         # AdamW weight decay
+    warmup_steps: int = 0             # linear warmup, then the schedule
+    schedule: str = "cosine"          # cosine, linear or constant decay after warmup
     max_grad_norm: float = 1.0        # 0 disables clipping (the norm is still checked and logged)
     precision: str = "auto"           # auto: bf16 on CUDA, fp32 on CPU; or fp32 / bf16
     activation_checkpointing: bool = False  # recompute each decoder layer's activations in the backward
     eval_every: int = 0               # steps; 0: only before and after training
     save_every: int = 0               # steps; 0: only at the end
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2         # newest checkpoints kept on disk
     save_final_optimizer: bool = True  # false: the last checkpoint holds no optimizer state (not resumable)
     merge_lora: bool = False          # LoRA runs: RUN_DIR/model/merged, the adapter merged in, beside the adapter
     on_nonfinite: str = "stop"        # stop: save, then raise; skip: drop the step and go on
     max_nonfinite_skips: int = 10
-    seed: int = 0
-    progress: bool = True
+    seed: int = 0                     # data order and sampling seeds, written to the manifest
+    progress: bool = True             # a live bar on a terminal, a line every 10 s otherwise (rank 0)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     RANGES = {"steps": (1, None), "epochs": (0, None), "batch_size": (1, None), "micro_batch_size": (1, None),

@@ -57,7 +57,7 @@ class RLConfig:
     prompts_per_step: int = 8            # over all ranks
     group_size: int = 4
     advantage: str = "grpo"
-    advantage_options: dict = field(default_factory=dict)
+    advantage_options: dict = field(default_factory=dict)   # the estimator's options, e.g. {gamma: 1, lam: 0.95}
     normalize_advantages: bool = False   # whiten over the valid tokens of the batch (PPO)
     ppo_epochs: int = 1
     mini_batches: int = 1                # optimizer steps per epoch
@@ -77,7 +77,7 @@ class RLConfig:
     dynamic_sampling: bool = False       # DAPO: drop groups whose signal does not vary, sample more
     max_sampling_rounds: int = 4
     overlong_buffer: int = 0             # DAPO overlong shaping over the last N tokens; 0: off
-    overlong_coef: float = 1.0
+    overlong_coef: float = 1.0           # weight of the overlong penalty
     preference_signal: str = "logit"
 
     RANGES = {"prompts_per_step": (1, None), "group_size": (1, None), "ppo_epochs": (1, None),

@@ -30,21 +30,21 @@ from alignkit.train.rundir import RunDir
 @dataclass
 class DataConfig:
     train: str | None = None         # file, saved dataset directory or hub id; None: built-in task
-    eval: str | None = None
+    eval: str | None = None          # held-out records; default: `eval_fraction` of `train`
     eval_fraction: float = 0.1       # held out of `train` when no `eval` is given
-    split: str = "train"
+    split: str = "train"             # the split of a saved dataset or hub dataset
     kind: str | None = None          # "rating" trains kto/bco on thumbs up/down; default from the loss
     columns: dict | None = None      # our field name -> column name in the data
     on_error: str = "raise"          # or "skip": drop bad records, report their count and examples
     task: str = "cipher"             # built-in task used when `train` is empty
     task_options: dict = field(default_factory=dict)  # e.g. {max_operand: 9}
-    task_size: int = 1000
-    eval_size: int = 200
+    task_size: int = 1000            # built-in task: training records
+    eval_size: int = 200             # built-in task: held-out records
     flip_rate: float = 0.0           # built-in comparisons: share of labels swapped at random (noise)
     targeted_flip_rate: float = 0.0  # built-in comparisons: share of most confident labels set against gold
     eval_split: str = "eval"         # built-in task split evaluated on: "eval" (in-distribution) or "ood"
     task_corpus: bool = False        # sft on the task's base-model corpus instead of its demonstrations
-    seed: int = 0
+    seed: int = 0                    # built-in task generation and the held-out draw
     judge_template: str = "pairwise"  # judge-sft: the prompt template judgements are rendered with
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
 
@@ -59,8 +59,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: dict = field(default_factory=dict)   # {name: ..., options}; default per command
-    output_dir: str = "runs"
-    run_name: str | None = None
+    output_dir: str = "runs"         # where run directories go
+    run_name: str | None = None      # default: <command>-<time stamp>
 
 
 @dataclass

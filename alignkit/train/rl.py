@@ -37,19 +37,19 @@ from alignkit.train.rundir import RunDir
 @dataclass
 class RLDataConfig:
     train: str | None = None        # prompt records (file, saved dataset or hub id); None: built-in task
-    eval: str | None = None
-    eval_fraction: float = 0.1
+    eval: str | None = None         # held-out prompts; default: `eval_fraction` of `train`
+    eval_fraction: float = 0.1      # held out of `train` when no `eval` is given
     kind: str = "prompt"            # or "judgement": judge prompts with the gold verdict (Think-RM stage 2)
-    columns: dict | None = None
-    on_error: str = "raise"
-    split: str = "train"
-    task: str = "arithmetic"
+    columns: dict | None = None     # our field name -> column name in the data
+    on_error: str = "raise"         # or "skip": drop bad records, report their count and examples
+    split: str = "train"            # the split of a saved dataset or hub dataset
+    task: str = "arithmetic"        # built-in task used when `train` is empty
     task_options: dict = field(default_factory=dict)  # e.g. {max_operand: 9}
-    task_size: int = 1000
+    task_size: int = 1000           # built-in task: training prompts
     eval_split: str = "eval"        # built-in task split evaluated on: "eval" (in-distribution) or "ood"
-    eval_size: int = 100
-    judge_template: str = "pairwise"
-    seed: int = 0
+    eval_size: int = 100            # built-in task: held-out prompts
+    judge_template: str = "pairwise"  # judgement data: the template judge prompts are rendered with
+    seed: int = 0                   # built-in task generation and the held-out draw
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
 
     RANGES = {"eval_fraction": (0, 1), "task_size": (1, None), "eval_size": (0, None)}
@@ -59,10 +59,10 @@ class RLDataConfig:
 class RolloutConfig:
     backend: str = "transformers"   # or "vllm" (CUDA, optional extra)
     options: dict = field(default_factory=dict)   # backend arguments, e.g. batch_size
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
+    max_new_tokens: int = 32        # completion length limit (tokens)
+    temperature: float = 1.0        # 0: greedy
+    top_p: float = 1.0              # nucleus sampling; 1: off
+    top_k: int = 0                  # 0: off
     stop: list[str] = field(default_factory=list)   # a single string is one stop string
 
     RANGES = {"max_new_tokens": (1, None), "temperature": (0, None), "top_p": (0, 1), "top_k": (0, None)}
@@ -76,7 +76,7 @@ RL_TRAIN_DEFAULTS = {"steps": 100, "lr": 1e-5, "schedule": "constant"}  # train.
 
 @dataclass
 class RLRunConfig:
-    recipe: str | None = None
+    recipe: str | None = None       # a named method preset (alignkit rl --help lists them)
     model: ModelConfig = field(default_factory=ModelConfig)
     reference: str | None = None    # KL reference; default: the initial policy
     reward: str | dict | None = "task"     # reward source spec (docs/rewards.md); "task": the task's gold reward
@@ -87,8 +87,8 @@ class RLRunConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(**RL_TRAIN_DEFAULTS))
     rl: RLConfig = field(default_factory=RLConfig)
     sft: dict | None = None         # Self-Rewarding PPO stage 1: train.* options of an SFT run on demonstrations
-    output_dir: str = "runs"
-    run_name: str | None = None
+    output_dir: str = "runs"        # where run directories go
+    run_name: str | None = None     # default: rl-<time stamp>
 
 
 @dataclass
