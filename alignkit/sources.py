@@ -121,11 +121,13 @@ def _implicit(*, target: str, baseline: str, **options):
     return ImplicitReward(model, reference, tokenizer, **options)
 
 
-@SOURCES.register("rule", summary="a Python function file.py:name (prompt, completion, reference) -> float")
+@SOURCES.register("rule", summary="a Python function file.py:name: (prompt, completion, reference) -> float, or "
+                  "TRL's (prompts, completions, completion_ids, **columns) -> list")
 def _rule(*, target: str, **options):
-    from alignkit.rewards.rules import RuleReward
+    from alignkit.rewards.rules import BatchRuleReward, RuleReward, is_batch_function, load_rule
 
-    return RuleReward(target, **options)
+    fn = load_rule(target)   # per sample (prompt, completion, reference), or TRL's batch signature
+    return (BatchRuleReward if is_batch_function(fn) else RuleReward)(fn, **options)
 
 
 @SOURCES.register("builtin", summary="a built-in rule: exact_match, or verdict_match (Think-RM stage 2)")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from alignkit.registry import Registry
@@ -58,6 +58,7 @@ class PromptRecord:
     reference: str | None = None
     index: int = 0
     origin: str = ""
+    columns: dict = field(default_factory=dict, compare=False)  # the record's other fields, for batch rewards
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,8 @@ def parse_rating(raw: dict[str, Any]) -> Rating:
     record_type=PromptRecord,
 )
 def parse_prompt(raw: dict[str, Any]) -> PromptRecord:
-    return PromptRecord(_prompt(raw), _optional_text(raw, "reference"))
+    columns = {k: v for k, v in raw.items() if k not in ("prompt", "messages", "reference")}
+    return PromptRecord(_prompt(raw), _optional_text(raw, "reference"), columns=columns)
 
 
 @RECORD_KINDS.register(

@@ -251,6 +251,7 @@ class Transformed:
         self.source, self.steps = source, steps
         self.stats = source.stats
         self.reads_tokens = getattr(source, "reads_tokens", False)
+        self.reads_columns = getattr(source, "reads_columns", False)
         self.reference_stats = CallStats()   # scoring of reference samples, kept out of `stats`
         self._check_order()
         self.bind_reference(sampler)

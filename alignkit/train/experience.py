@@ -83,6 +83,18 @@ def sampling_seed(seed: int, step: int, salt: int, position: int) -> int:
     return (((seed * 1_000_003 + step) * 8191 + salt) * 1_048_573 + position) % (2**63 - 1)
 
 
+def score_completions(source, records: list[PromptRecord], completions: list[Completion]):
+    """`source`'s Scores of generated completions: a source that reads tokens (`reads_tokens`) also gets the
+    generated ids, one that reads columns (`reads_columns`) the prompt records' other fields."""
+    extra = {}
+    if getattr(source, "reads_tokens", False):
+        extra["tokens"] = [(c.prompt_ids, c.token_ids) for c in completions]
+    if getattr(source, "reads_columns", False):
+        extra["columns"] = [getattr(r, "columns", {}) for r in records]
+    return source.score([r.prompt for r in records], [c.text for c in completions],
+                        [r.reference for r in records], **extra)
+
+
 def _pairs(g: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(g) for j in range(i + 1, g)]
 
@@ -118,12 +130,8 @@ class Collector:
             policy.train(was_training)
 
     def score(self, records: list[PromptRecord], completions: list[Completion]) -> Tensor:
-        """Rewards of the completions; a source that reads tokens (`reads_tokens`) gets the generated ids."""
-        prompts = [r.prompt for r in records]
-        tokens = ({"tokens": [(c.prompt_ids, c.token_ids) for c in completions]}
-                  if getattr(self.reward, "reads_tokens", False) else {})
-        scores = self.reward.score(prompts, [c.text for c in completions], [r.reference for r in records], **tokens)
-        values = scores.values.float().cpu()
+        """Rewards of the completions, with DAPO's overlong shaping when configured."""
+        values = score_completions(self.reward, records, completions).values.float().cpu()
         if self.cfg.overlong_buffer:
             lengths = torch.tensor([len(c) for c in completions])
             values = values + self.cfg.overlong_coef * overlong_penalty(

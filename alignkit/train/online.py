@@ -44,7 +44,14 @@ from alignkit.rewards.base import RewardComparison
 from alignkit.rollout import SamplingConfig
 from alignkit.train import signals
 from alignkit.train.checkpoint import export_model
-from alignkit.train.experience import PREFERENCE_SIGNALS, Collector, Experience, PhaseTimer, sampling_seed
+from alignkit.train.experience import (
+    PREFERENCE_SIGNALS,
+    Collector,
+    Experience,
+    PhaseTimer,
+    sampling_seed,
+    score_completions,
+)
 from alignkit.train.loop import Loop
 
 CRITICS = ("separate", "shared")
@@ -365,8 +372,8 @@ class OnlineMethod:
         completions = self.collector.generate(self.policy, [self.eval_prompts[k % n].prompt for k in positions],
                                               sampling, seeds)
         real = [(k, c) for k, c in zip(positions, completions, strict=True) if k < n]
-        scores = self.eval_reward.score([self.eval_records[k].prompt for k, _ in real], [c.text for _, c in real],
-                                        [self.eval_records[k].reference for k, _ in real]) if real else None
+        scores = score_completions(self.eval_reward, [self.eval_records[k] for k, _ in real],
+                                   [c for _, c in real]) if real else None
         sums = distributed.reduce_sums({"reward": float(scores.values.float().sum()) if real else 0.0,
                                         "length": float(sum(len(c) for _, c in real))})
         return sums["reward"] / n, sums["length"] / n
