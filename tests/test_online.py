@@ -450,3 +450,17 @@ def test_rl_holds_out_eval_prompts_as_every_trainer_does(tmp_path):
     _, offline_eval, _ = load_splits(DataConfig(train=str(path), eval_fraction=0.25, seed=3), "demonstration")
     assert [r.index for r in offline_eval] == expected
     assert len(train_records) == 15
+
+
+def test_self_rewarding_ppo_trains_its_sft_stage_on_the_users_demonstrations(tmp_path):
+    """With data.train set, stage 1 reads that file (it used to train on the built-in task)."""
+    import yaml
+
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(json.dumps({"prompt": f"{i}+1=", "completion": str(i + 1)}) + "\n" for i in range(20)))
+    cfg = rl_config(tmp_path, "self-rewarding-ppo", {"steps": 1, "prompts_per_step": 2},
+                    data={"train": str(demos)}, sft={"steps": 2, "batch_size": 4})
+    run_rl(cfg, model=tiny_model(), tokenizer=tiny_tokenizer())
+    (sft_run,) = [p for p in tmp_path.glob("sft-*") if p.is_dir()]
+    assert yaml.safe_load((sft_run / "config.yaml").read_text())["data"]["train"] == str(demos)
+    assert str(demos) in json.loads((sft_run / "manifest.json").read_text())["data"]

@@ -226,12 +226,13 @@ def _self_rewarding_stage(cfg: RLRunConfig, base, tokenizer, run: RunDir):
 
 
 def _sft(cfg: RLRunConfig, model, tokenizer):
+    """Stage 1 on the run's own data: `data.train` as demonstrations (their prompts are the RL prompts),
+    or the built-in task's demonstrations."""
     from alignkit.train.recipes import DataConfig, RunConfig, train
 
-    sft_cfg = RunConfig(model=cfg.model, data=DataConfig(task=cfg.data.task, task_options=cfg.data.task_options,
-                                                         task_size=cfg.data.task_size,
-                                                         eval_size=cfg.data.eval_size, seed=cfg.data.seed,
-                                                         tokenize=cfg.data.tokenize),
+    shared = ("train", "eval", "eval_fraction", "columns", "on_error", "split", "task", "task_options",
+              "task_size", "eval_size", "seed", "tokenize")   # the user's demonstrations, when given
+    sft_cfg = RunConfig(model=cfg.model, data=DataConfig(**{key: getattr(cfg.data, key) for key in shared}),
                         train=build(TrainConfig, {"progress": cfg.train.progress,
                                                   "distributed": to_dict(cfg.train.distributed), **cfg.sft}),
                         output_dir=cfg.output_dir, run_name=f"{cfg.run_name}-sft" if cfg.run_name else None)
