@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
@@ -280,8 +281,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _console_logging() -> None:
+    """alignkit's status lines (run directory, skipped records, server address) on stdout, as plain lines."""
+    logger = logging.getLogger("alignkit")
+    for handler in [h for h in logger.handlers if getattr(h, "alignkit_console", False)]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.alignkit_console = True
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _console_logging()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress is enough; theirs fires on every checkpoint

@@ -11,6 +11,7 @@ so a served model renders prompts and generates exactly as `LocalBackend` does i
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import socket
 import sys
@@ -25,6 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from alignkit.data.tokenize import TokenizeConfig
 from alignkit.judges.backends import Generation, LocalBackend
+
+log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 16 * 2**20
 MAX_TOP_LOGPROBS = 20
@@ -355,7 +358,7 @@ def run(args) -> int:
         print(f"alignkit serve: cannot listen on {args.host}:{args.port}: {err}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _interrupt)  # a plain kill shuts down cleanly too
-    print(f"alignkit serve: {server.model_name} at {server.base_url} (Ctrl-C to stop)", flush=True)
+    log.info("alignkit serve: %s at %s (Ctrl-C to stop)", server.model_name, server.base_url)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,8 @@ from alignkit.train.loop import Loop, TrainConfig
 from alignkit.train.objectives import OBJECTIVES, ComparisonExample, PairExample, RatedExample
 from alignkit.train.offline import OfflineMethod
 from alignkit.train.rundir import RunDir
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -144,7 +147,7 @@ def load_files(cfg, kind: str) -> tuple[list, list, list[str]]:
     same way: without an eval file, a seeded random `eval_fraction` of the training records."""
     loaded = load_records(cfg.train, kind, columns=cfg.columns, on_error=cfg.on_error, split=cfg.split)
     if loaded.skipped and distributed.is_main():
-        print(f"{cfg.train}: {loaded.summary()}", flush=True)
+        log.warning("%s: %s", cfg.train, loaded.summary())
     train, files = loaded.records, [cfg.train]
     if cfg.eval:
         evaluation = load_records(cfg.eval, kind, columns=cfg.columns, on_error=cfg.on_error).records
@@ -189,7 +192,8 @@ def train(cfg: RunConfig, command: str = "preference", resume: str | Path | None
     run = open_run(cfg, command, resume, cfg.train.seed, files)
     if not resume:
         run.log({"step": 0, "event": "data", "train_examples": len(splits["train"]),
-                 "eval_examples": len(splits["eval"]), "truncated": encoder.truncated})
+                 "eval_examples": len(splits["eval"]), "truncated": encoder.truncated,
+                 "appended_without_template": encoder.appended})
     reference = None
     if cfg.reference and objective.uses_reference:
         reference, _ = load_model_and_tokenizer(build(ModelConfig, {"name": cfg.reference}))
@@ -213,7 +217,7 @@ def open_run(cfg, command: str, resume, seed: int, files: list[str]) -> RunDir:
         run.write_config({"command": command, **to_dict(cfg)})
         run.write_manifest(seed, files)
     if distributed.is_main():
-        print(f"run directory: {run.path}", flush=True)
+        log.info("run directory: %s", run.path)
     return run
 
 
