@@ -113,7 +113,7 @@ def is_batch_function(fn) -> bool:
         return False
 
 
-class BatchRuleReward:
+class BatchRuleReward(RuleReward):
     """A reward function with TRL's signature, loaded unchanged: `fn(prompts=..., completions=...,
     completion_ids=..., **columns) -> list[float | None]`, called once per batch with keywords.
 
@@ -127,13 +127,8 @@ class BatchRuleReward:
     reads_tokens = True
     reads_columns = True
 
-    def __init__(self, fn: Callable | str, *, timeout_s: float = 60.0, on_error: str = "score",
-                 failure_score: float = 0.0):
-        if on_error not in ON_ERROR:
-            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-        self.fn = load_rule(fn) if isinstance(fn, str) else fn
-        self.timeout_s, self.on_error, self.failure_score = timeout_s, on_error, failure_score
-        self.stats = CallStats()
+    def __init__(self, fn: Callable | str, *, timeout_s: float = 60.0, **options):
+        super().__init__(fn, timeout_s=timeout_s, **options)
         self.unscored = 0
 
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str], references=None, *,
