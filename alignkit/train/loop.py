@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from alignkit import distributed
+from alignkit import distributed, tracking
 from alignkit.distributed import DistributedConfig
 from alignkit.train.checkpoint import load_checkpoint, resume_point, save_checkpoint
 from alignkit.train.progress import ProgressReporter
@@ -61,6 +61,7 @@ class TrainConfig:
     max_nonfinite_skips: int = 10
     seed: int = 0                     # data order and sampling seeds, written to the manifest
     progress: bool = True             # a live bar on a terminal, a line every 10 s otherwise (rank 0)
+    report_to: str = "none"           # trackers, comma-separated: tensorboard, wandb, mlflow, trackio (or none)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     RANGES = {"steps": (1, None), "epochs": (0, None), "batch_size": (1, None), "micro_batch_size": (1, None),
@@ -68,6 +69,9 @@ class TrainConfig:
               "eval_every": (0, None), "save_every": (0, None), "keep_checkpoints": (0, None),
               "max_nonfinite_skips": (0, None)}
     CHOICES = {"schedule": tuple(SCHEDULES), "on_nonfinite": NONFINITE_POLICIES, "precision": PRECISIONS}
+
+    def __post_init__(self) -> None:
+        tracking.names(self.report_to)  # an unknown tracker fails here, before any run directory
 
     def check(self) -> None:
         """The choices again, for a config built in Python rather than read (`build` checks those)."""
@@ -188,6 +192,24 @@ class Loop:
         checkpoint = resume_point(self.run.checkpoints, resume)
         if checkpoint is not None:
             self._restore(checkpoint)
+        self._start_trackers(replay=checkpoint is None)
+        try:
+            return self._fit(checkpoint)
+        finally:
+            trackers, self.run.trackers = self.run.trackers, []
+            tracking.finish(trackers)
+
+    def _start_trackers(self, replay: bool) -> None:
+        """train.report_to's trackers on rank 0, given what the run logged before the loop (its data line)."""
+        if not distributed.is_main() or not tracking.names(self.cfg.report_to):
+            return
+        config = self.run.read_config() if (self.run.path / "config.yaml").exists() else {}
+        trackers = tracking.start(self.cfg.report_to, self.run.path, config, self.run.path.name)
+        for record in self.run.metrics() if replay else ():
+            tracking.log(trackers, record)
+        self.run.trackers = trackers
+
+    def _fit(self, checkpoint: Path | None) -> dict:
         self.method.prepare(self, resuming=checkpoint is not None)
         if checkpoint is None:
             self.initial_metrics = self.method.evaluate(self)

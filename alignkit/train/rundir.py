@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from alignkit import distributed
+from alignkit import distributed, tracking
 
 PACKAGES = ("alignkit", "torch", "transformers", "safetensors", "numpy", "peft", "datasets")
 
@@ -59,6 +59,7 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self.trackers: list = []  # train.report_to's trackers, started and finished by the loop (rank 0)
 
     @classmethod
     def create(cls, root: str | Path, command: str, name: str | None = None) -> RunDir:
@@ -98,6 +99,7 @@ class RunDir:
     def log(self, record: dict) -> None:
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        tracking.log(self.trackers, record)
 
     @_main_only
     def truncate_metrics(self, after_step: int) -> None:
