@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +21,7 @@ import torch
 from alignkit.data.tokenize import Encoder
 from alignkit.judges.backends import BACKENDS, HTTPBackend, LocalBackend, chat_completions_url
 from alignkit.models.tiny import tiny_model_and_tokenizer
-from alignkit.serve import ChatServer, make_server, prompt_limit, running, serving
+from alignkit.serve import ChatHandler, ChatServer, make_server, prompt_limit, running, serving
 
 CONVERSATIONS = [
     [{"role": "user", "content": "hello"}],
@@ -179,11 +180,26 @@ def test_serving_health_and_models(tiny_pair):
     assert answer.error is None and answer.completion_tokens == 3
 
 
+class ClosingHandler(ChatHandler):
+    """Closes its connection after each answer once the server has died (as a dead process would)."""
+
+    def handle_one_request(self):
+        super().handle_one_request()
+        if self.server.dead:
+            self.close_connection = True
+
+
 def test_server_that_dies_mid_run_keeps_earlier_answers(tiny_pair):
     class DyingServer(ChatServer):
+        dead = False
+
+        def finish_request(self, request, client_address):
+            ClosingHandler(request, client_address, self)
+
         def complete(self, request):
             generation = super().complete(request)
             if self.counters.requests == 2:   # answer this one, but stop listening first
+                self.dead = True
                 self.shutdown()
                 self.server_close()
             return generation
@@ -199,6 +215,48 @@ def test_server_that_dies_mid_run_keeps_earlier_answers(tiny_pair):
     assert all("connection error" in g.error for g in generations[2:])
     assert client.stats.failures == 3 and client.stats.calls == 2 + 3 * 3
     thread.join(timeout=5)
+
+
+class CountingServer(ChatServer):
+    """A chat server that counts the TCP connections it accepts."""
+
+    connections = 0
+
+    def process_request(self, request, client_address):
+        self.connections += 1   # only the serve_forever thread calls this
+        super().process_request(request, client_address)
+
+
+def test_requests_reuse_pooled_connections(tiny_pair):
+    server = CountingServer(("127.0.0.1", 0), LocalBackend(*tiny_pair, batch_size=1, tokenize=prompt_limit(512)), "m")
+    with running(server) as base_url, fast_backend(base_url, max_concurrency=2, cache=False) as client:
+        for _ in range(2):   # the second batch reuses the first one's connections
+            generations = client.generate(CONVERSATIONS * 2, max_tokens=2)
+            assert all(g.error is None for g in generations)
+    assert server.counters.requests == client.stats.calls == 12
+    assert 1 <= server.connections <= 2
+    assert client.closed
+
+
+def test_closed_backend_refuses_to_send():
+    with fast_backend("http://127.0.0.1:9") as client:
+        assert not client.closed
+    assert client.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        client.generate(CONVERSATIONS[:1])
+    client.close()   # closing twice is harmless
+
+
+def test_server_down_is_a_clear_connection_error():
+    with socket.socket() as probe:   # a port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with fast_backend(f"http://127.0.0.1:{port}", retries=2) as client:
+        (generation,) = client.generate(CONVERSATIONS[:1])
+    assert generation.error.startswith("connection error: ConnectError: ")
+    assert "refused" in generation.error and generation.error.endswith("(after 3 attempts)")
+    assert not generation.timed_out and generation.text == ""
+    assert client.stats.failures == 1 and client.stats.timeouts == 0 and client.stats.calls == 3
 
 
 def test_cli_serves_the_tiny_model_as_a_real_process(tiny_pair):
@@ -229,6 +287,11 @@ class ScriptedServer(ThreadingHTTPServer):
     def __init__(self, script):
         super().__init__(("127.0.0.1", 0), ScriptedHandler)
         self.script, self.bodies, self.lock = script, [], threading.Lock()
+        self.connections = 0
+
+    def process_request(self, request, client_address):
+        self.connections += 1   # only the serve_forever thread calls this
+        super().process_request(request, client_address)
 
     @property
     def base_url(self) -> str:
@@ -297,6 +360,24 @@ def test_a_timeout_then_an_answer_succeeds():
         (generation,) = client.generate(CONVERSATIONS[:1])
     assert generation.text == "fine" and not generation.timed_out
     assert client.stats.timeouts == client.stats.failures == 0 and client.stats.calls == 2
+
+
+def test_a_timed_out_connection_is_dropped_and_the_others_reused():
+    with scripted(lambda i, body: ok(f"answer {i}", delay=2.0 if i == 0 else 0.0)) as server:
+        with fast_backend(server.base_url, timeout_s=0.3, max_concurrency=1, cache=False) as client:
+            answers = [client.generate(CONVERSATIONS[:1])[0].text for _ in range(4)]
+    assert answers == ["answer 1", "answer 2", "answer 3", "answer 4"]   # the late answer 0 is never read
+    assert server.connections == 2 and client.stats.calls == 5
+
+
+def test_loopback_ignores_proxy_settings(monkeypatch):
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    with scripted(lambda i, body: ok("direct")) as server, fast_backend(server.base_url) as client:
+        (generation,) = client.generate(CONVERSATIONS[:1])
+    assert generation.text == "direct" and len(server.bodies) == 1
 
 
 def test_503_then_success():

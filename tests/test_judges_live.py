@@ -16,7 +16,7 @@ from alignkit.cli import main
 from alignkit.data.loaders import load_records
 from alignkit.judges.backends import HTTPBackend, LocalBackend
 from alignkit.judges.generative import GenerativeJudge
-from alignkit.serve import ChatServer, prompt_limit, serving
+from alignkit.serve import ChatHandler, ChatServer, prompt_limit, serving
 from alignkit.tasks.cipher import CipherTask
 from alignkit.train import config_from, train
 
@@ -91,10 +91,21 @@ def test_http_judge_gives_the_local_judges_soft_verdicts(judge_run):
 
 
 def test_a_server_dying_mid_run_keeps_what_was_judged(judge_run):
+    class ClosingHandler(ChatHandler):   # once dead, no kept-alive connection is served again
+        def handle_one_request(self):
+            super().handle_one_request()
+            self.close_connection = self.close_connection or self.server.dead
+
     class DyingServer(ChatServer):
+        dead = False
+
+        def finish_request(self, request, client_address):
+            ClosingHandler(request, client_address, self)
+
         def complete(self, request):
             answer = super().complete(request)
             if self.counters.requests == 3:
+                self.dead = True
                 self.shutdown()
                 self.server_close()
             return answer

@@ -7,22 +7,21 @@ error, the failure is counted in `stats`, and the rest of the batch keeps its an
 
 from __future__ import annotations
 
-import http.client
 import itertools
 import json
 import os
 import random
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
+import weakref
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
+import httpx
 import torch
 
 from alignkit.data.tokenize import Encoder, TokenizeConfig
@@ -190,13 +189,18 @@ class _Fatal(Exception):
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-@BACKENDS.register("http", summary="an OpenAI-compatible /v1/chat/completions server (standard library only)")
+@BACKENDS.register("http", summary="an OpenAI-compatible /v1/chat/completions server (httpx, pooled connections)")
 class HTTPBackend:
     """Chat completions over HTTP with retries, a concurrency bound and an answer cache.
 
+    Requests go through one `httpx.Client` per backend, whose pool keeps up to `max_concurrency`
+    connections open between requests and batches (keep-alive). `close()` (or `with backend:`)
+    closes them; a backend that is garbage-collected, or still open at interpreter exit, is closed then.
+
     Retried (up to `retries` more attempts, exponential backoff with jitter): connection errors,
-    timeouts, HTTP 429 and 5xx, and answers that are not the expected JSON. Other 4xx answers fail
-    at once. `timeout_s` bounds each socket operation of an attempt.
+    timeouts, HTTP 429 and 5xx, and answers that are not the expected JSON. Other non-2xx answers
+    fail at once. `timeout_s` bounds each socket operation of an attempt (connect, each read, each
+    write); waiting for a free pooled connection is not bounded and is not a timeout.
 
     Accounting: `stats.calls` counts HTTP requests sent (retries included), `stats.items` the
     conversations sent (once each, however many attempts), `stats.failures` / `stats.timeouts` the
@@ -218,11 +222,32 @@ class HTTPBackend:
         self.cache_hits = 0
         self.stats = CallStats()
         self._lock = threading.Lock()
-        host = urllib.parse.urlsplit(self.url).hostname
-        proxies = urllib.request.ProxyHandler({}) if host in LOOPBACK else urllib.request.ProxyHandler()
-        self._opener = urllib.request.build_opener(proxies)
+        self._client = self._make_client()
+        self._finalizer = weakref.finalize(self, self._client.close)  # also runs at interpreter exit
+
+    def _make_client(self) -> httpx.Client:
+        limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+        timeout = httpx.Timeout(self.timeout_s, pool=None)
+        loopback = urllib.parse.urlsplit(self.url).hostname in LOOPBACK
+        return httpx.Client(limits=limits, timeout=timeout, trust_env=not loopback)  # no proxy for loopback
+
+    @property
+    def closed(self) -> bool:
+        return self._client.is_closed
+
+    def close(self) -> None:
+        """Close the pooled connections; the backend cannot send requests afterwards."""
+        self._finalizer()
+
+    def __enter__(self) -> HTTPBackend:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def generate(self, conversations, *, max_tokens=256, temperature=0.0, top_logprobs=0, seed=None):
+        if self.closed:
+            raise RuntimeError("this HTTPBackend is closed")
         bodies = [self._body(m, max_tokens, temperature, top_logprobs, seed) for m in conversations]
         keys = [json.dumps(b, sort_keys=True, separators=(",", ":")) for b in bodies]
         cacheable = self.cache is not None and (temperature == 0 or seed is not None)
@@ -271,26 +296,28 @@ class HTTPBackend:
                 time.sleep(self._delay(attempt, err.retry_after))
 
     def _post(self, data: bytes) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
         started = time.perf_counter()
         try:
-            with self._opener.open(request, timeout=self.timeout_s) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as err:
-            raise _http_error(err) from None
-        except (TimeoutError, urllib.error.URLError, http.client.HTTPException, OSError) as err:
+            response = self._client.post(self.url, content=data, headers=self._headers())
+        except httpx.RequestError as err:
             raise _transport_error(err) from None
         finally:
             with self._lock:
                 self.stats.calls += 1
                 self.stats.seconds += time.perf_counter() - started
+        if not response.is_success:
+            raise _http_error(response)
+        raw = response.content
         try:
             return json.loads(raw)
         except ValueError:
             raise _Retryable(f"malformed JSON in the answer: {_snippet(raw)}") from None
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         delay = self.backoff_s * 2 ** attempt * random.uniform(0.5, 1.0)
@@ -340,22 +367,18 @@ def _step_logprobs(step: dict) -> dict[str, float]:
     return entry
 
 
-def _http_error(err: urllib.error.HTTPError) -> Exception:
-    try:
-        body = _snippet(err.read() if err.fp is not None else b"")
-    except (OSError, http.client.HTTPException):
-        body = "(no body)"
-    message = f"HTTP {err.code}: {body}"
-    if err.code == 429 or err.code >= 500:
-        return _Retryable(message, retry_after=_seconds(err.headers.get("Retry-After") if err.headers else None))
+def _http_error(response: httpx.Response) -> Exception:
+    code = response.status_code
+    message = f"HTTP {code}: {_snippet(response.content) or '(no body)'}"
+    if code == 429 or code >= 500:
+        return _Retryable(message, retry_after=_seconds(response.headers.get("Retry-After")))
     return _Fatal(message)
 
 
-def _transport_error(err: Exception) -> _Retryable:
-    reason = err.reason if isinstance(err, urllib.error.URLError) else err
-    timed_out = isinstance(reason, TimeoutError)
-    return _Retryable(f"{'timed out' if timed_out else 'connection error'}: {type(reason).__name__}: {reason}",
-                      timed_out=timed_out)
+def _transport_error(err: httpx.RequestError) -> _Retryable:
+    timed_out = isinstance(err, httpx.TimeoutException)
+    kind = "timed out" if timed_out else "connection error"
+    return _Retryable(f"{kind}: {type(err).__name__}: {str(err) or 'no details'}", timed_out=timed_out)
 
 
 def _seconds(value: str | None) -> float | None:
