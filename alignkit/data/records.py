@@ -8,8 +8,9 @@ from typing import Any
 
 from alignkit.registry import Registry
 
-Message = dict[str, str]
+Message = dict[str, Any]
 Prompt = str | list[Message]
+Completion = str | list[Message]  # a text, or chat messages (assistant turns, tool calls and results)
 
 
 class FieldError(ValueError):
@@ -26,8 +27,8 @@ class FieldError(ValueError):
 
 @dataclass(frozen=True)
 class Demonstration:
-    prompt: Prompt
-    completion: str
+    prompt: Prompt          # "" for plain text (a `text` row): the whole text is the completion
+    completion: Completion
     index: int = 0
     origin: str = ""
 
@@ -35,8 +36,8 @@ class Demonstration:
 @dataclass(frozen=True)
 class Comparison:
     prompt: Prompt
-    chosen: str
-    rejected: str
+    chosen: Completion
+    rejected: Completion
     margin: float | None = None
     subset: str | None = None
     index: int = 0
@@ -46,7 +47,7 @@ class Comparison:
 @dataclass(frozen=True)
 class Rating:
     prompt: Prompt
-    completion: str
+    completion: Completion
     label: bool
     index: int = 0
     origin: str = ""
@@ -92,13 +93,15 @@ RECORD_KINDS = Registry("record kind")
 
 @RECORD_KINDS.register(
     "demonstration",
-    summary="a prompt and a completion to imitate (prompt/completion, or a chat `messages` list)",
+    summary="a prompt and a completion to imitate (prompt/completion, a chat `messages` list, or `text`)",
     record_type=Demonstration,
 )
 def parse_demonstration(raw: dict[str, Any]) -> Demonstration:
     if raw.get("prompt") is None and raw.get("messages") is not None:
         return _demonstration_from_messages(raw["messages"])
-    return Demonstration(_prompt(raw), _text(raw, "completion"))
+    if raw.get("prompt") is None and raw.get("completion") is None and raw.get("text") is not None:
+        return Demonstration("", _text(raw, "text"))
+    return Demonstration(_prompt(raw), _reply("completion", _completion(raw, "completion")))
 
 
 @RECORD_KINDS.register(
@@ -107,8 +110,12 @@ def parse_demonstration(raw: dict[str, Any]) -> Demonstration:
     record_type=Comparison,
 )
 def parse_comparison(raw: dict[str, Any]) -> Comparison:
-    prompt, chosen, rejected = _prompt(raw), _text(raw, "chosen"), _text(raw, "rejected")
-    if chosen.strip() == rejected.strip():
+    chosen, rejected = _completion(raw, "chosen"), _completion(raw, "rejected")
+    if raw.get("prompt") is None:
+        prompt, chosen, rejected = _implicit_prompt(chosen, rejected)
+    else:
+        prompt, chosen, rejected = _prompt(raw), _reply("chosen", chosen), _reply("rejected", rejected)
+    if _same(chosen, rejected):
         raise FieldError("rejected", "is the same text as 'chosen'")
     margin = _number(raw, "margin")
     scores = _number(raw, "score_chosen"), _number(raw, "score_rejected")
@@ -123,7 +130,7 @@ def parse_comparison(raw: dict[str, Any]) -> Comparison:
     record_type=Rating,
 )
 def parse_rating(raw: dict[str, Any]) -> Rating:
-    return Rating(_prompt(raw), _text(raw, "completion"), _label(raw))
+    return Rating(_prompt(raw), _reply("completion", _completion(raw, "completion")), _label(raw))
 
 
 @RECORD_KINDS.register(
@@ -251,33 +258,99 @@ def _prompt(raw: dict[str, Any]) -> Prompt:
 
 
 def _messages(field: str, value: Any) -> list[Message]:
-    """A non-empty list of {"role": str, "content": str}; other keys are dropped."""
+    """A non-empty list of chat messages: a string "role", and a string "content" (or a null one beside
+    "tool_calls"). Other keys (tool_calls, name, tool_call_id...) pass through to the chat template;
+    null ones are dropped (tables give every message every column)."""
     if not isinstance(value, list) or not value:
         raise FieldError(field, f"expected a non-empty list of chat messages, got {_describe(value)}")
-    for position, message in enumerate(value):
-        if not isinstance(message, dict):
-            raise FieldError(field, f"message {position}: expected an object, got {type_name(message)}")
-        for key in ("role", "content"):
-            if not isinstance(message.get(key), str):
-                got = type_name(message.get(key))
-                raise FieldError(field, f"message {position}: expected a string {key!r}, got {got}")
-    return [{"role": message["role"], "content": message["content"]} for message in value]
+    return [_message(field, position, message) for position, message in enumerate(value)]
+
+
+def _message(field: str, position: int, message: Any) -> Message:
+    if not isinstance(message, dict):
+        raise FieldError(field, f"message {position}: expected an object, got {type_name(message)}")
+    if not isinstance(message.get("role"), str):
+        raise FieldError(field, f"message {position}: expected a string 'role', got {type_name(message.get('role'))}")
+    calls = message.get("tool_calls")
+    if calls is not None and (not isinstance(calls, list) or not calls):
+        raise FieldError(field, f"message {position}: expected a non-empty list 'tool_calls', got {_describe(calls)}")
+    content = message.get("content")
+    if not isinstance(content, str) and not (content is None and calls):
+        raise FieldError(field, f"message {position}: expected a string 'content', got {type_name(content)}")
+    kept = {key: item for key, item in message.items() if item is not None}
+    return {"role": message["role"], "content": content, **kept}
 
 
 def _describe(value: Any) -> str:
     return "an empty list" if value == [] else type_name(value)
 
 
+def _completion(raw: dict[str, Any], field: str) -> Completion:
+    """A non-empty text or a list of chat messages (checked, not yet split from any prompt)."""
+    value = _required(raw, field)
+    return _messages(field, value) if isinstance(value, list) else _non_empty(field, value)
+
+
+def _reply(field: str, value: Completion) -> Completion:
+    """A completion as records hold it: one plain assistant message becomes its text, so single-turn chat
+    data reads like text data; longer ones (tool calls, several turns) stay messages."""
+    if isinstance(value, str):
+        return value
+    if not any(message["role"] == "assistant" for message in value):
+        raise FieldError(field, "has no message with role 'assistant'")
+    if len(value) == 1 and set(value[0]) == {"role", "content"} and value[0]["role"] == "assistant":
+        return _non_empty(field, value[0]["content"])
+    return value
+
+
+def _same(a: Completion, b: Completion) -> bool:
+    return a.strip() == b.strip() if isinstance(a, str) and isinstance(b, str) else a == b
+
+
+def _implicit_prompt(chosen: Completion, rejected: Completion) -> tuple[Prompt, Completion, Completion]:
+    """TRL's implicit prompt: with no `prompt`, it is what chosen and rejected share at their start (their
+    leading messages, or for texts their common prefix up to a whitespace, which starts the completions)."""
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        raise FieldError("prompt", "missing, and 'chosen' and 'rejected' are not both texts or both messages")
+    shared = _shared_messages(chosen, rejected) if isinstance(chosen, list) else _shared_text(chosen, rejected)
+    if not shared:
+        raise FieldError("prompt", "missing")  # and no implicit prompt: chosen and rejected share no start
+    chosen, rejected = chosen[len(shared):], rejected[len(shared):]
+    for name, rest in (("chosen", chosen), ("rejected", rejected)):
+        if not rest or (isinstance(rest, str) and not rest.strip()):
+            raise FieldError(name, "has nothing after the prompt it shares with the other completion")
+    return shared, _reply("chosen", chosen), _reply("rejected", rejected)
+
+
+def _shared_length(a: list | str, b: list | str) -> int:
+    """How many leading items (messages, characters) `a` and `b` have in common."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def _shared_messages(a: list[Message], b: list[Message]) -> list[Message]:
+    return a[:_shared_length(a, b)]
+
+
+def _shared_text(a: str, b: str) -> str:
+    count = _shared_length(a, b)
+    cut = max((i for i in range(count + 1) if i < len(a) and a[i].isspace()), default=0)
+    prompt = a[:cut]
+    return prompt if prompt.strip() else ""
+
+
 def _demonstration_from_messages(value: Any) -> Demonstration:
+    """A chat: the prompt is the messages before the first assistant turn; the rest is the completion."""
     messages = _messages("messages", value)
-    *prompt, reply = messages
-    if reply["role"] != "assistant":
-        raise FieldError("messages", f"the last message must have role 'assistant', got {reply['role']!r}")
-    if not prompt:
+    if messages[-1]["role"] != "assistant":
+        got = messages[-1]["role"]
+        raise FieldError("messages", f"the last message must have role 'assistant', got {got!r}")
+    first = next(i for i, message in enumerate(messages) if message["role"] == "assistant")
+    if not first:
         raise FieldError("messages", "no prompt messages before the assistant reply")
-    if not reply["content"].strip():
+    last = messages[-1]
+    if isinstance(last["content"], str) and not last["content"].strip() and not last.get("tool_calls"):
         raise FieldError("messages", "the assistant reply is empty")
-    return Demonstration(prompt, reply["content"])
+    return Demonstration(messages[:first], _reply("messages", messages[first:]))
 
 
 def _number(raw: dict[str, Any], field: str) -> float | None:
