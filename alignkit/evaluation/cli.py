@@ -40,9 +40,12 @@ def load_eval_records(path: str, split: str = "train") -> list:
     try:
         return load_records(path, "comparison", split=split).records
     except DataError as err:
-        if err.field == "chosen" and "got list" in err.message:
+        if err.field != "chosen":
+            raise
+        try:   # `chosen` is not one answer (a string or a chat): maybe a best-of-n set of answers
             return load_records(path, "best_of_n", split=split).records
-        raise
+        except DataError:
+            raise err from None
 
 
 def run(args) -> int:
