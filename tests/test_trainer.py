@@ -238,3 +238,66 @@ class _Payload:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
+
+
+# ----- checkpoints that recover -----
+def _sft_cfg(tmp_path, name: str, **train):
+    return _cfg(tmp_path, run_name=name, train={"steps": 4, "save_every": 1, "keep_checkpoints": 3, **train})
+
+
+def _final(run) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run.path / "model" / "model.safetensors")
+
+
+def test_a_damaged_latest_checkpoint_is_named_and_the_one_before_is_used(tmp_path, caplog):
+    straight = train(_sft_cfg(tmp_path, "straight"), "sft", model=tiny_model_and_tokenizer(seed=0)[0],
+                     tokenizer=tiny_model_and_tokenizer()[1])
+    model, tok = tiny_model_and_tokenizer(seed=0)
+    cfg = _sft_cfg(tmp_path, "damaged")
+    run = train(cfg, "sft", model=model, tokenizer=tok).run   # the same run; then its last checkpoint is damaged
+    latest = latest_checkpoint(run.checkpoints)
+    for tensors in (latest / "dcp").glob("*.distcp"):
+        tensors.write_bytes(tensors.read_bytes()[:100])        # truncated, as by a crash mid-copy
+    with caplog.at_level("WARNING", logger="alignkit"):
+        resumed = train(cfg, "sft", resume=run.path, model=tiny_model_and_tokenizer(seed=0)[0], tokenizer=tok)
+    assert f"skipping damaged checkpoint {latest}" in caplog.text and "truncated or damaged" in caplog.text
+    for name, weight in _final(straight.run).items():
+        assert torch.equal(_final(resumed.run)[name], weight), name
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_zero(tmp_path, caplog):
+    import shutil
+
+    model, tok = tiny_model_and_tokenizer(seed=0)
+    first = train(_sft_cfg(tmp_path, "first"), "sft", model=model, tokenizer=tok)
+    shutil.rmtree(first.run.checkpoints)                        # as if killed before the first save
+    shutil.rmtree(first.run.path / "model")
+    with caplog.at_level("WARNING", logger="alignkit"):
+        again = train(_sft_cfg(tmp_path, "first"), "sft", resume=first.run.path,
+                      model=tiny_model_and_tokenizer(seed=0)[0], tokenizer=tok)
+    assert "starting again from step 0" in caplog.text and again.run.path == first.run.path
+    trained = [r["step"] for r in again.run.metrics() if "train/loss" in r]
+    assert trained == [1, 2, 3, 4], "every step logged once"
+    assert sum(r.get("event") == "data" for r in again.run.metrics()) == 1
+
+
+def test_a_full_disk_during_a_save_names_the_folder_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    import errno
+
+    import alignkit.train.checkpoint as checkpoint
+    from alignkit.train.checkpoint import CheckpointWriteError
+
+    model, tok = tiny_model_and_tokenizer(seed=0)
+    result = train(_sft_cfg(tmp_path, "full", steps=2), "sft", model=model, tokenizer=tok)
+    root, good = result.run.checkpoints, latest_checkpoint(result.run.checkpoints)
+
+    def no_space(tree, stem):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_write_tree", no_space)
+    result.loop.step += 1
+    with pytest.raises(CheckpointWriteError, match=f"could not write a checkpoint in {root}.*No space left"):
+        result.loop.save()
+    assert latest_checkpoint(root) == good and not list(root.glob(".step-*.tmp"))

@@ -44,6 +44,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -92,6 +93,14 @@ class UnsafeCheckpointError(RuntimeError):
     """A checkpoint file would need unrestricted unpickling (or is not what we write); it is not loaded."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, ...); the previous one is untouched."""
+
+
+class CorruptCheckpointError(UnsafeCheckpointError):
+    """A checkpoint file is truncated or unreadable (not an attempt to run code): an older one may serve."""
+
+
 # ----- saving and loading -----
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -107,13 +116,19 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / RNG).mkdir(parents=True)
     distributed.barrier()
-    _save_tensors(tmp, model, optimizer if save_optimizer else None)
-    _write_tree(_rng_state(), tmp / RNG / f"rank-{distributed.rank():05d}")
+    try:
+        _save_tensors(tmp, model, optimizer if save_optimizer else None)
+        _write_tree(_rng_state(), tmp / RNG / f"rank-{distributed.rank():05d}")
+        if distributed.rank() == 0:
+            _write_tree({**state, "step": step}, tmp / STATE)
+        distributed.barrier()
+        if distributed.rank() == 0:
+            (tmp / COMPLETE).write_text(json.dumps({"step": step, "world_size": distributed.world_size()}))
+    except (OSError, CheckpointException) as err:   # a full disk, a lost mount: nothing half-written stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"could not write a checkpoint in {root} ({err}); the previous checkpoint, "
+                                   f"{latest_checkpoint(root) or 'none yet'}, is intact") from None
     if distributed.rank() == 0:
-        _write_tree({**state, "step": step}, tmp / STATE)
-    distributed.barrier()
-    if distributed.rank() == 0:
-        (tmp / COMPLETE).write_text(json.dumps({"step": step, "world_size": distributed.world_size()}))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _write_text_atomic(root / LATEST, final.name)
@@ -161,9 +176,18 @@ def _optimizer_skeleton(checkpoint: Path):
     return _read_json(checkpoint / OPTIMIZER)
 
 
+@contextmanager
+def _reading(folder: Path):
+    """DCP's errors on a damaged tensor file, as a CorruptCheckpointError naming the folder."""
+    try:
+        yield
+    except CheckpointException as err:
+        raise CorruptCheckpointError(f"{folder}: a tensor file is truncated or damaged ({err})") from None
+
+
 def _load_model(reader: FileSystemReader, model: torch.nn.Module) -> None:
     tensors = {"model": get_model_state_dict(model)}
-    with _quiet_single_process():
+    with _quiet_single_process(), _reading(Path(reader.path)):
         dcp.load(tensors, storage_reader=reader)
     set_model_state_dict(model, tensors["model"])
 
@@ -176,7 +200,7 @@ def _load_model_and_optimizer(reader: FileSystemReader, model: torch.nn.Module,
     optimizer_tensors = {}
     _encode(optimizer_state, optimizer_tensors)
     tensors = {"model": model_state, "optim": optimizer_tensors}
-    with _quiet_single_process():
+    with _quiet_single_process(), _reading(Path(reader.path)):
         dcp.load(tensors, storage_reader=reader)
     set_state_dict(model, optimizer, model_state_dict=tensors["model"],
                    optim_state_dict=_decode(skeleton, tensors["optim"]))
@@ -245,14 +269,11 @@ def latest_checkpoint(root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def resume_point(root: Path, resume: bool) -> Path | None:
-    """The checkpoint to continue from when resuming (an error if there is none), else None."""
-    if not resume:
-        return None
-    checkpoint = latest_checkpoint(root)
-    if checkpoint is None:
-        raise RuntimeError(f"nothing to resume: no complete checkpoint in {root}")
-    return checkpoint
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Every complete checkpoint, newest first (the one `latest` names leads)."""
+    found = sorted((p for p in Path(root).glob("step-*") if _is_complete(p)), reverse=True)
+    latest = latest_checkpoint(root)
+    return ([latest] if latest else []) + [p for p in found if p != latest]
 
 
 # ----- nested values as JSON plus safetensors -----
@@ -308,14 +329,14 @@ def _read_json(path: Path):
     try:
         return json.loads(path.read_bytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UnsafeCheckpointError(f"{path} is not JSON ({err}); it is not loaded") from err
+        raise CorruptCheckpointError(f"{path} is not JSON ({err}); it is not loaded") from err
 
 
 def _read_safetensors(path: Path) -> dict:
     try:
         return load_file(path)
     except SafetensorError as err:
-        raise UnsafeCheckpointError(f"{path} is not a safetensors file ({err}); it is not loaded") from err
+        raise CorruptCheckpointError(f"{path} is not a safetensors file ({err}); it is not loaded") from err
 
 
 # ----- random streams -----
@@ -381,7 +402,10 @@ class SafeFileSystemReader(FileSystemReader):
     def read_metadata(self) -> Metadata:
         path = Path(self._get_metadata_path())
         with open(path, "rb") as file:
-            metadata = _MetadataUnpickler(file, path).load()
+            try:
+                metadata = _MetadataUnpickler(file, path).load()
+            except (EOFError, pickle.UnpicklingError) as err:
+                raise CorruptCheckpointError(f"{path} is truncated or damaged ({type(err).__name__}: {err})") from err
         if not isinstance(metadata, Metadata):
             raise UnsafeCheckpointError(f"{path} holds a {type(metadata).__name__}, not DCP metadata")
         for key, item in metadata.state_dict_metadata.items():

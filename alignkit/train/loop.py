@@ -14,6 +14,7 @@ size because FSDP2 averages gradients over ranks; the update is then the same at
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +25,11 @@ from torch import nn
 
 from alignkit import distributed, tracking
 from alignkit.distributed import DistributedConfig
-from alignkit.train.checkpoint import load_checkpoint, resume_point, save_checkpoint
+from alignkit.train.checkpoint import CorruptCheckpointError, complete_checkpoints, load_checkpoint, save_checkpoint
 from alignkit.train.progress import ProgressReporter
 from alignkit.train.rundir import RunDir
 
+log = logging.getLogger(__name__)
 SCHEDULES = {
     "constant": lambda progress: 1.0,
     "linear": lambda progress: 1.0 - progress,
@@ -179,6 +181,24 @@ class Loop:
         return save_checkpoint(self.run.checkpoints, self.step, self.container, self.optimizer, self._state(),
                                keep=self.cfg.keep_checkpoints, save_optimizer=optimizer)
 
+    def _resume(self) -> Path | None:
+        """Restore the newest readable checkpoint. A damaged one is named and skipped for the one before;
+        with none at all (killed before the first save) the run starts again from step 0 in place."""
+        candidates = complete_checkpoints(self.run.checkpoints)
+        if not candidates:
+            log.warning("%s: no checkpoint was saved before the run stopped; starting again from step 0",
+                        self.run.path)
+            self.run.truncate_metrics(0, keep_events_only=True)
+            return None
+        for checkpoint in candidates:
+            try:
+                self._restore(checkpoint)
+                return checkpoint
+            except CorruptCheckpointError as err:
+                log.warning("skipping damaged checkpoint %s: %s", checkpoint, err)
+        raise CorruptCheckpointError(f"no readable checkpoint in {self.run.checkpoints} (tried "
+                                     f"{', '.join(p.name for p in candidates)})")
+
     def _restore(self, checkpoint: Path) -> None:
         state = load_checkpoint(checkpoint, self.container, self.optimizer)
         self.scheduler.load_state_dict(state["loop"]["scheduler"])
@@ -189,9 +209,7 @@ class Loop:
 
     # ----- the loop -----
     def fit(self, resume: bool = False) -> dict:
-        checkpoint = resume_point(self.run.checkpoints, resume)
-        if checkpoint is not None:
-            self._restore(checkpoint)
+        checkpoint = self._resume() if resume else None
         self._start_trackers(replay=checkpoint is None)
         try:
             return self._fit(checkpoint)

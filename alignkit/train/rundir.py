@@ -102,12 +102,14 @@ class RunDir:
         tracking.log(self.trackers, record)
 
     @_main_only
-    def truncate_metrics(self, after_step: int) -> None:
-        """Drop metric lines past `after_step` (written before a kill, replayed on resume)."""
+    def truncate_metrics(self, after_step: int, keep_events_only: bool = False) -> None:
+        """Drop metric lines past `after_step` (written before a kill, replayed on resume); with
+        `keep_events_only`, also that step's metrics (a run starting over keeps its data line)."""
         path = self.path / "metrics.jsonl"
         if path.exists():
-            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= after_step]
+            records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+            kept = [json.dumps(r) for r in records if r.get("step", 0) <= after_step
+                    and (not keep_events_only or "event" in r)]
             path.write_text("".join(ln + "\n" for ln in kept))
 
     def metrics(self) -> list[dict]:
