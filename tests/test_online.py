@@ -283,8 +283,8 @@ def test_a_reward_function_that_raises_is_counted_and_the_run_goes_on(tmp_path):
                     "    if len(completion) % 2:\n        raise ValueError('cannot score')\n"
                     "    return float(len(completion))\n")
     model, tokenizer = tiny_model(), tiny_tokenizer()
-    cfg = rl_config(tmp_path, "grpo", {"steps": 3, "prompts_per_step": 4, "group_size": 8},
-                    reward=f"rule:{rule}:reward")
+    cfg = rl_config(tmp_path, "grpo", {"steps": 3, "prompts_per_step": 4, "group_size": 8,
+                                       "max_failure_rate": 1.0}, reward=f"rule:{rule}:reward")
     result = run_rl(cfg, model=model, tokenizer=tokenizer)
     rows = train_rows(result.run)
     assert len(rows) == 3 and sum(r["train/reward/failures"] for r in rows) > 0
@@ -464,3 +464,19 @@ def test_self_rewarding_ppo_trains_its_sft_stage_on_the_users_demonstrations(tmp
     (sft_run,) = [p for p in tmp_path.glob("sft-*") if p.is_dir()]
     assert yaml.safe_load((sft_run / "config.yaml").read_text())["data"]["train"] == str(demos)
     assert str(demos) in json.loads((sft_run / "manifest.json").read_text())["data"]
+
+
+def test_a_step_whose_rewards_mostly_fail_stops_the_run_with_the_weights_saved(tmp_path, capsys):
+    """Every reward fails (here: raises): the run stops at the first step with a clear message and exit 2,
+    where it used to train on failure scores and exit 0."""
+    from alignkit.cli import main
+
+    rule = tmp_path / "broken.py"
+    rule.write_text("def reward(prompt, completion, reference):\n    raise ValueError('grader is down')\n")
+    assert main(["rl", "--recipe", "grpo", "--model", "tiny", f"output_dir={tmp_path}", "run_name=run",
+                 f"reward=rule:{rule}:reward", "train.steps=3", "rl.prompts_per_step=2", "rl.group_size=2",
+                 "rollout.max_new_tokens=3", "data.eval_size=2", "train.progress=false"]) == 2
+    error = capsys.readouterr().err
+    assert "4 of 4 reward scores failed at step 1" in error and "grader is down" in error
+    saved = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert saved is not None and saved.name == "step-0000000", "the untouched weights are kept"

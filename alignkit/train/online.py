@@ -57,6 +57,10 @@ from alignkit.train.loop import Loop
 CRITICS = ("separate", "shared")
 
 
+class RewardFailureError(RuntimeError):
+    """Most of a step's rewards or verdicts failed: the run stops rather than train on failure scores."""
+
+
 @dataclass
 class RLConfig:
     """Online-only options (`rl.*`); steps, learning rate, schedule, precision, cadence are `train.*`."""
@@ -86,11 +90,13 @@ class RLConfig:
     overlong_buffer: int = 0             # DAPO overlong shaping over the last N tokens; 0: off
     overlong_coef: float = 1.0           # weight of the overlong penalty
     preference_signal: str = "logit"
+    max_failure_rate: float = 0.5        # a step whose failed scores exceed this share stops the run (1: never)
 
-    RANGES = {"prompts_per_step": (1, None), "group_size": (1, None), "ppo_epochs": (1, None),
-              "mini_batches": (1, None), "critic_lr": (0, None), "clip_low": (0, None), "clip_high": (0, None),
-              "dual_clip": (1, None), "kl_coef": (0, None), "entropy_coef": (0, None), "value_coef": (0, None),
-              "value_clip": (0, None), "max_sampling_rounds": (1, None), "overlong_buffer": (0, None)}
+    RANGES = {"max_failure_rate": (0, 1), "prompts_per_step": (1, None), "group_size": (1, None),
+              "ppo_epochs": (1, None), "mini_batches": (1, None), "critic_lr": (0, None), "clip_low": (0, None),
+              "clip_high": (0, None), "dual_clip": (1, None), "kl_coef": (0, None), "entropy_coef": (0, None),
+              "value_coef": (0, None), "value_clip": (0, None), "max_sampling_rounds": (1, None),
+              "overlong_buffer": (0, None)}
     CHOICES = {"advantage": ADVANTAGES.names, "aggregation": AGGREGATIONS.names, "kl_estimator": KL_ESTIMATORS.names,
                "importance_ratio": IMPORTANCE_RATIOS.names, "preference_signal": PREFERENCE_SIGNALS.names,
                "kl_in": ("loss", "reward"), "critic": CRITICS}
@@ -315,6 +321,8 @@ class OnlineMethod:
         timer, started = PhaseTimer(), time.perf_counter()
         counts = self._source_counts()
         exp, sampling = self.collect(timer)
+        scored = distributed.reduce_sums({key: value - counts[key] for key, value in self._source_counts().items()})
+        self._check_failures(scored, loop)
         if exp.rewards is None and exp.preferences is None:
             loop.log({"step": self.step + 1, "event": "no_varied_groups"})
             return {**sampling, **self._phase_metrics(timer, started, 0)}
@@ -328,11 +336,23 @@ class OnlineMethod:
             self.generator.sync_weights(self.policy)
         metrics.update(sampling)
         metrics.update(self._signal_metrics(exp))
-        now = self._source_counts()
-        metrics.update(distributed.reduce_sums({key: value - counts[key] for key, value in now.items()}))
+        metrics.update(scored)
         tokens = distributed.reduce_sums({"n": sum(len(c) for c in exp.completions)})["n"]
         metrics.update(self._phase_metrics(timer, started, int(tokens)))
         return metrics
+
+    def _check_failures(self, scored: dict, loop: Loop) -> None:
+        """Stop before training on a step whose scores mostly failed (`rl.max_failure_rate`), weights saved."""
+        kind = "judge" if "preferences" in self.wants else "reward"
+        failed, items = scored[f"{kind}/failures"], scored[f"{kind}/items"]
+        if items and failed / items > self.cfg.max_failure_rate:
+            saved = loop.save()
+            source = self.judge if kind == "judge" else self.reward
+            first = "; ".join(source.stats.examples[:3]) or "no message kept"
+            raise RewardFailureError(
+                f"{failed:.0f} of {items:.0f} {kind} scores failed at step {self.step + 1}, more than "
+                f"rl.max_failure_rate={self.cfg.max_failure_rate:g}; first errors: {first}. The weights before "
+                f"this step are saved in {saved}; fix the {kind} and resume, or raise rl.max_failure_rate.")
 
     def _source_counts(self) -> dict:
         """Cumulative calls, scored items (pairs for a judge) and failures of the signal's source."""

@@ -13,6 +13,9 @@ def _fields(metrics: dict) -> str:
     parts = [f"loss {metrics['loss']:.4f}"] if "loss" in metrics else []
     if "reward/mean" in metrics:
         parts.append(f"reward {metrics['reward/mean']:.3f}")
+    failed = metrics.get("reward/failures", 0) + metrics.get("judge/failures", 0)
+    if failed:
+        parts.append(f"{failed:.0f} failed")
     if "tokens_per_s" in metrics:
         parts.append(f"{metrics['tokens_per_s']:.0f} tok/s")
     return "  ".join(parts)
