@@ -182,8 +182,10 @@ def test_rule_reward_from_the_command_line_survives_a_hanging_function(tmp_path,
     slow.write_text("import time\ndef wait(prompt, completion, reference):\n    time.sleep(30)\n    return 1.0\n")
     source = build_source(f"rule:{slow}:wait,timeout_s=0.05")
     assert isinstance(source, RuleReward)
-    report, _ = evaluate(source, load_eval_records(str(pairs_file)))
-    assert report["failed"] == 4 and report["source_metrics"]["source/timeouts"] == 8
+    report, probs = evaluate(source, load_eval_records(str(pairs_file)))
+    # every call timed out: the source is marked failed, with no accuracy (it used to report 0.0 as a result)
+    assert report["status"] == "failed" and "accuracy" not in report and probs is None
+    assert report["source_metrics"]["source/timeouts"] == 8 and "timed out" in report["errors"][0]
 
 
 def test_transforms_compose_on_any_source_from_a_yaml_spec(tmp_path, pairs_file, rules):
@@ -206,3 +208,16 @@ def test_judge_ensemble_spec_spreads_its_members_logits(rules):
     # length: sigmoid(4 - 2) -> logit 2; picky: both score 1 -> logit 0. Mean 1, std 1.
     assert preference.probs.tolist() == pytest.approx([1 / (1 + math.exp(-1))], abs=1e-6)
     assert preference.uncertainty.tolist() == pytest.approx([1.0], abs=1e-5)
+
+
+def test_a_dead_judge_server_is_a_failed_source_and_a_non_zero_exit(pairs_file, rules, capsys):
+    import socket
+
+    with socket.socket() as s:   # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = main(["eval-rm", str(pairs_file), "--source", f"rule:{rules}:length",
+                 "--source", f"judge:http://127.0.0.1:{port},retries=1,timeout_s=1"])
+    out, err = capsys.readouterr()
+    assert code == 1 and "FAILED, every call failed (4 records)" in out and "accuracy" not in out.split("FAILED")[1]
+    assert f"every call of judge:http://127.0.0.1:{port},retries=1,timeout_s=1 failed" in err

@@ -225,8 +225,9 @@ def test_think_rm_stage_two_trains_a_judge_on_verdict_correctness_then_eval_rm_r
     config = (tmp_path / "judge" / "config.yaml").read_text()
     assert "verdict_match" in config and "judgement" in config
     capsys.readouterr()
-    assert main(["eval-rm", "task:cipher:6", "--source", f"judge:{tmp_path / 'judge'},max_tokens=12",
-                 "--json"]) == 0
+    # two RL steps leave the tiny judge without a parseable verdict: read as ties, not as a failed source
+    assert main(["eval-rm", "task:cipher:6", "--source",
+                 f"judge:{tmp_path / 'judge'},max_tokens=12,on_unparsable=tie", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)["sources"][0]
     assert 0.0 <= report["accuracy"] <= 1.0
     # the trained judge then drives pairwise RLHF of a policy (the Think-RM pipeline's last stage)

@@ -56,13 +56,17 @@ def run(args) -> int:
                                       bins=args.bins)
         reports.append({"source": spec, **report})
         probs.append(pair_probs)
-    agreements = agreement_report(args.source, probs) if len(probs) > 1 and probs[0] is not None else []
+    measured = [(report["source"], p) for report, p in zip(reports, probs, strict=True) if p is not None]
+    agreements = agreement_report(*map(list, zip(*measured, strict=True))) if len(measured) > 1 else []
     if args.json:
         json.dump({"data": args.data, "sources": reports, "agreement": agreements}, sys.stdout, indent=2)
         print()
     else:
         print_tables(reports, agreements)
-    return 0
+    failed = [r["source"] for r in reports if r["status"] == "failed"]
+    if failed:
+        print(f"alignkit eval-rm: every call of {', '.join(failed)} failed: no result", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _fmt(value) -> str:
@@ -95,6 +99,11 @@ def _summary_rows(report: dict) -> list[list]:
 def print_tables(reports: list[dict], agreements: list[dict]) -> None:
     console = Console()
     for report in reports:
+        if report["status"] == "failed":
+            errors = "; ".join(report["errors"]) or "no message kept"
+            console.print(f"source {report['source']}: FAILED, every call failed ({report['records']} records); "
+                          f"first errors: {errors}", soft_wrap=True)
+            continue
         _print_table(console, f"source {report['source']}", ["metric", "value"], _summary_rows(report))
         subsets = report.get("subsets") or report.get("rewardbench_v2", {}).get("subsets", {})
         if len(subsets) > 1 or "rewardbench_v2" in report:

@@ -136,9 +136,15 @@ def evaluate(source, records: list, *, batch_size: int = 32, seed: int = 0,
              bins: int = 10) -> tuple[dict, Tensor | None]:
     """The report for `source` on `records`, and the pairs' P(chosen better) (None for best-of-n sets)."""
     if records and isinstance(records[0], BestOfN):
-        return best_of_n_report(source, records) | {"source_metrics": source_metrics(source)}, None
-    result = score_pairs(source, records, batch_size, seed)
-    return pair_report(result, records, bins) | {"source_metrics": source_metrics(source)}, result.probs
+        report, probs = best_of_n_report(source, records), None
+    else:
+        result = score_pairs(source, records, batch_size, seed)
+        report, probs = pair_report(result, records, bins), result.probs
+    stats = source.stats
+    if stats.items and stats.failures >= stats.items:   # nothing was measured: no accuracy to report
+        return {"status": "failed", "records": len(records), "errors": stats.examples[:5],
+                "source_metrics": source_metrics(source)}, None
+    return report | {"status": "ok", "source_metrics": source_metrics(source)}, probs
 
 
 def agreement_report(names: list[str], probs: list[Tensor]) -> list[dict]:
