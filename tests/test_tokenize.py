@@ -54,3 +54,30 @@ def test_collate_pads_right_and_keeps_dtype_long():
     tok = tiny_tokenizer(200)
     b = collate([Encoder(tok).encode("a", "b")], tok.pad_token_id)
     assert b.input_ids.dtype == torch.long and b.score_mask.dtype == torch.long
+
+
+def test_a_huge_record_is_cut_before_tokenising_and_keeps_the_same_tokens():
+    """A 1 MB completion: the tokenizer sees a bounded text, and the kept tokens are those the token
+    limits keep from the whole text (a 10 MB record cost 4 GB when the whole text was tokenised)."""
+    from alignkit.data.tokenize import CHARS_PER_TOKEN, Encoder, TokenizeConfig
+    from alignkit.models.tiny import tiny_tokenizer
+
+    tokenizer, seen = tiny_tokenizer(), []
+
+    class Spy:   # the tokenizer, recording the length of every text it is given
+        def __call__(self, text, *args, **kwargs):
+            seen.append(len(text))
+            return tokenizer(text, *args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+    cfg = TokenizeConfig(max_length=64, max_prompt_length=16, template="plain")
+    huge_prompt, huge_completion = "q" * 500_000 + "=", "ab " * 350_000
+    encoder = Encoder(Spy(), cfg)
+    encoded = encoder.encode(huge_prompt, huge_completion)
+    assert max(seen) <= CHARS_PER_TOKEN * cfg.max_length + 8 and encoder.cut_before_tokenizing == 2
+    whole_prompt = tokenizer("<s>" + huge_prompt, add_special_tokens=False)["input_ids"]
+    whole_completion = tokenizer(huge_completion + "</s>", add_special_tokens=False)["input_ids"]
+    assert encoded.prompt == whole_prompt[-cfg.max_prompt_length:]
+    assert encoded.completion == whole_completion[:cfg.max_length - cfg.max_prompt_length]

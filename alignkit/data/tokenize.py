@@ -33,6 +33,9 @@ Piece = tuple[str, bool]  # text, and whether its tokens are trained
 GENERATION_MARK = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
+CHARS_PER_TOKEN = 32   # more than any tokenizer's longest usual token: a safe bound on characters kept
+
+
 @dataclass
 class TokenizeConfig:
     max_length: int = 512           # tokens of prompt and completion together; longer examples are cut
@@ -99,6 +102,7 @@ class Encoder:
         self.template = template
         self.truncated = 0
         self.appended = 0
+        self.cut_before_tokenizing = 0   # texts longer than any token limit could keep
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
@@ -132,7 +136,13 @@ class Encoder:
         return "".join(f"{m['role']}: {_text_of(m)}\n" for m in prompt) + "assistant: "
 
     def encode(self, prompt: Prompt, completion: Completion | None = None) -> Encoded:
-        """Token ids of `prompt` and `completion` (a text, or chat messages whose assistant turns are trained)."""
+        """Token ids of `prompt` and `completion` (a text, or chat messages whose assistant turns are trained).
+
+        Texts far longer than the token limits allow are cut first (`CHARS_PER_TOKEN` characters per
+        token kept: the prompt's end, the completion's start), so a 10 MB record costs what a long one
+        does; the tokens kept are the ones the limits would keep anyway."""
+        prompt, completion = self._bounded(prompt, self.cfg.max_prompt_length, True), \
+            self._bounded(completion, self.cfg.max_length, False)
         if not isinstance(completion, list):
             head, tail = self._render(prompt, completion)
             return self._cut(self._ids(head), self._ids(tail), None)
@@ -146,6 +156,19 @@ class Encoder:
             ids += piece
             mask += [int(trained)] * len(piece)
         return self._split(ids, mask)
+
+    def _bounded(self, value, tokens: int, keep_end: bool):
+        """`value` (a text, messages or None) with every text cut to CHARS_PER_TOKEN x `tokens` characters."""
+        limit = CHARS_PER_TOKEN * tokens
+        if isinstance(value, str):
+            if len(value) <= limit:
+                return value
+            self.cut_before_tokenizing += 1
+            return value[-limit:] if keep_end else value[:limit]
+        if isinstance(value, list):
+            return [{**m, "content": self._bounded(m["content"], tokens, keep_end)} if isinstance(m.get("content"), str)
+                    else m for m in value]
+        return value
 
     def _masked_turns(self, prompt: Prompt, completion: list[dict]) -> tuple[list[int], list[int]]:
         """Ids of the whole chat and the template's assistant mask, keeping the turns to train."""
