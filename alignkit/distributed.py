@@ -133,12 +133,12 @@ def gather_objects(obj) -> list:
     return out
 
 
-def shard_of(items: list, total_multiple: bool = True) -> list:
-    """This rank's contiguous share of `items`; len(items) must divide evenly when `total_multiple`."""
+def shard_of(items: list) -> list:
+    """This rank's contiguous share of `items`, whose length must divide evenly over the ranks."""
     n, world = len(items), world_size()
-    if total_multiple and n % world:
+    if n % world:
         raise ValueError(f"{n} items do not split evenly over {world} ranks")
-    per = -(-n // world)
+    per = n // world
     return items[rank() * per:(rank() + 1) * per]
 
 
