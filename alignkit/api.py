@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignkit.algorithms import PREFERENCE_LOSSES, UNPAIRED_LOSSES
-from alignkit.config import ConfigError, build, describe
+from alignkit.config import ConfigError, build, describe, merge
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Method:
                 options[name] = source
         self.model, self.tokenizer = model, tokenizer
         self.reward, self.judge = (s if not isinstance(s, str | dict) else None for s in (reward, judge))
-        self.options = _merge(_merge({}, self.defaults), _nest(self._config_class(), options, self._loss_names()))
+        self.options = merge(self.defaults, _nest(self._config_class(), options, self._loss_names()))
         self.options.setdefault("output_dir", "runs")
         for key, value in (("train", data), ("eval", eval_data)):
             if value is not None:
@@ -149,11 +149,11 @@ def _nest(cls, options: dict, loss_names: set[str]) -> dict:
     out: dict = {}
     for name, value in options.items():
         if name in sections and (isinstance(value, dict) or "." not in _full(leaves, name, name)):
-            out = _merge(out, {name: value})
+            out = merge(out, {name: value})
         elif name in loss_names:
-            out = _merge(out, {"loss": {name: value}})
+            out = merge(out, {"loss": {name: value}})
         else:
-            out = _merge(out, _at(_full(leaves, name), value))
+            out = merge(out, _at(_full(leaves, name), value))
     return out
 
 
@@ -172,13 +172,6 @@ def _full(leaves: dict[str, list[str]], name: str, default: str | None = None) -
 def _at(path: str, value) -> dict:
     head, _, rest = path.partition(".")
     return {head: _at(rest, value) if rest else value}
-
-
-def _merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def _as_path(data, root: Path) -> str:

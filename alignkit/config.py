@@ -48,6 +48,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return out
 
 
+def merge(base: dict, top: dict) -> dict:
+    """A deep copy of `base` with `top` laid over it, section by section (config defaults, then overrides)."""
+    out = _deep_copy(base)
+    for key, value in top.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else _deep_copy(value) if isinstance(value, dict) else value
+    return out
+
+
 def _deep_copy(data: dict) -> dict:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
 

@@ -52,3 +52,10 @@ def test_unknown_and_ambiguous_keywords_are_clear_errors():
     with pytest.raises(ConfigError, match="'seed' is ambiguous.*train.seed"):
         alignkit.DPO(seed=1)
     assert alignkit.DPO(train={"seed": 1}).options["train"]["seed"] == 1
+
+
+def test_one_call_does_not_leak_its_data_into_the_next():
+    first = alignkit.KTO(data="a.jsonl")
+    second = alignkit.KTO()
+    assert first.options["data"]["train"] == "a.jsonl" and "train" not in second.options["data"]
+    assert alignkit.KTO.defaults == {"loss": {"name": "kto"}, "data": {"kind": "rating"}}

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from alignkit import distributed
-from alignkit.config import ConfigError, build, to_dict
+from alignkit.config import ConfigError, build, merge, to_dict
 from alignkit.data.records import PromptRecord
 from alignkit.data.tokenize import Encoder, TokenizeConfig
 from alignkit.judges.templates import pairwise_messages
@@ -144,13 +144,6 @@ _recipe("think-rm", {"reward": "builtin:verdict_match", "data": {"kind": "judgem
         paper="Hong et al. 2025, arXiv 2505.16265")
 
 
-def _merge(base: dict, top: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in top.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
 
@@ -167,8 +160,8 @@ def config_from(data: dict) -> RLRunConfig:
         raise ConfigError(f"rl.{moved[0]} is train.{moved[0]}: options every trainer shares live in train.* "
                           f"({', '.join(moved)})")
     recipe = data.get("recipe")
-    defaults = _merge({"train": RL_TRAIN_DEFAULTS}, RECIPES.get(recipe).fn() if recipe else {})
-    return build(RLRunConfig, _merge(defaults, data))
+    defaults = merge({"train": RL_TRAIN_DEFAULTS}, RECIPES.get(recipe).fn() if recipe else {})
+    return build(RLRunConfig, merge(defaults, data))
 
 
 # ----- prompts: which records, and how they become prompts with a reference answer -----
