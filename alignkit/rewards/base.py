@@ -58,8 +58,9 @@ class CallStats:
             self.items += items
             self.seconds += time.perf_counter() - started
 
-    def failure(self, message: str, timeout: bool = False) -> None:
-        self.failures += 1
+    def failure(self, message: str, timeout: bool = False, samples: int = 1) -> None:
+        """`samples` items failed for one reason (a whole batch, when the call itself failed)."""
+        self.failures += samples
         self.timeouts += int(timeout)
         if len(self.examples) < 5:
             self.examples.append(message)

@@ -157,8 +157,7 @@ class BatchRuleReward(RuleReward):
             return [self._value(i, value) for i, value in enumerate(result)]
         if self.on_error == "raise":
             raise RewardError(f"reward function {name} failed on a {problem}")
-        self.stats.failure(problem, timeout=timed_out)
-        self.stats.failures += n - 1   # every sample of the batch failed
+        self.stats.failure(problem, timeout=timed_out, samples=n)   # every sample of the batch failed
         return [None] * n
 
     def _value(self, index: int, value) -> float | None:
