@@ -102,6 +102,20 @@ TEMPLATES.register("pointwise", summary="rate one answer from low to high; <answ
     )
 )
 
+TEMPLATES.register("additive", summary="the self-rewarding rubric: one point per criterion met, 0-5; Score: N",
+                   kind="pointwise", paper="Yuan et al. 2024, arXiv 2401.10020")(
+    Template(
+        "Judge the answer to the user's question below with an additive score from {low} to {high}.\n"
+        "Add one point if the answer is on topic and gives some information that bears on the question.\n"
+        "Add a second point if it deals with a large part of the question, even if not completely.\n"
+        "Add a third point if it answers the essential question in a way a reader can use.\n"
+        "Add a fourth point if it is written clearly and directly from an assistant's point of view.\n"
+        "Add a fifth point if it is complete, accurate and to the point, with nothing superfluous.\n\n"
+        "Question:\n{question}\n\n[Answer]\n{answer}\n\n"
+        "Explain your reasoning briefly, then end with the line \"Score: N\" where N is the total."
+    )
+)
+
 
 def pairwise_messages(template: str, prompt: Prompt, a: str, b: str) -> list[dict]:
     return _template(template, "pairwise").messages(question=render_prompt(prompt), a=a, b=b)

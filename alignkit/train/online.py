@@ -341,13 +341,18 @@ class OnlineMethod:
         metrics.update(self._phase_metrics(timer, started, int(tokens)))
         return metrics
 
+    def signal_source(self):
+        """("judge" | "reward", the source of the training signal)."""
+        return ("judge", self.judge) if "preferences" in self.wants else ("reward", self.reward)
+
     def _check_failures(self, scored: dict, loop: Loop) -> None:
         """Stop before training on a step whose scores mostly failed (`rl.max_failure_rate`), weights saved."""
-        kind = "judge" if "preferences" in self.wants else "reward"
+        if self.signal_source() is None:
+            return
+        kind, source = self.signal_source()
         failed, items = scored[f"{kind}/failures"], scored[f"{kind}/items"]
         if items and failed / items > self.cfg.max_failure_rate:
             saved = loop.save()
-            source = self.judge if kind == "judge" else self.reward
             first = "; ".join(source.stats.examples[:3]) or "no message kept"
             raise RewardFailureError(
                 f"{failed:.0f} of {items:.0f} {kind} scores failed at step {self.step + 1}, more than "
@@ -356,7 +361,9 @@ class OnlineMethod:
 
     def _source_counts(self) -> dict:
         """Cumulative calls, scored items (pairs for a judge) and failures of the signal's source."""
-        kind, source = ("judge", self.judge) if "preferences" in self.wants else ("reward", self.reward)
+        if self.signal_source() is None:
+            return {}
+        kind, source = self.signal_source()
         stats = source.stats
         return {f"{kind}/calls": stats.calls, f"{kind}/items": stats.items, f"{kind}/failures": stats.failures}
 

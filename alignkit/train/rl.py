@@ -28,6 +28,8 @@ from alignkit.rewards.transforms import ReferenceSampler, RunningNorm, Transform
 from alignkit.rollout import GENERATORS, SamplingConfig
 from alignkit.sources import build_source
 from alignkit.tasks import TASKS
+from alignkit.judges.policy import self_judge
+from alignkit.train.comparisons import ComparisonConfig, ComparisonMethod, frozen_copies, reads_initial
 from alignkit.train.loop import Loop, TrainConfig
 from alignkit.train.online import OnlineMethod, RLConfig, make_critic
 from alignkit.train.recipes import load_files, open_run, prepare_model
@@ -42,6 +44,7 @@ class RLDataConfig:
     kind: str = "prompt"            # or "judgement": judge prompts with the gold verdict (Think-RM stage 2)
     columns: dict | None = None     # our field name -> column name in the data
     on_error: str = "raise"         # or "skip": drop bad records, report their count and examples
+    max_record_chars: int = 1_000_000  # a record with more characters of text is a bad record (on_error)
     split: str = "train"            # the split of a saved dataset or hub dataset
     task: str = "arithmetic"        # built-in task used when `train` is empty
     task_options: dict = field(default_factory=dict)  # e.g. {max_operand: 9}
@@ -52,7 +55,7 @@ class RLDataConfig:
     seed: int = 0                   # built-in task generation and the held-out draw
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
 
-    RANGES = {"eval_fraction": (0, 1), "task_size": (1, None), "eval_size": (0, None)}
+    RANGES = {"eval_fraction": (0, 1), "task_size": (1, None), "eval_size": (0, None), "max_record_chars": (1, None)}
 
 
 @dataclass
@@ -74,9 +77,13 @@ class RolloutConfig:
 RL_TRAIN_DEFAULTS = {"steps": 100, "lr": 1e-5, "schedule": "constant"}  # train.* defaults of an RL run
 
 
+METHODS = ("policy-gradient", "comparisons")
+
+
 @dataclass
 class RLRunConfig:
     recipe: str | None = None       # a named method preset (alignkit rl --help lists them)
+    method: str = "policy-gradient"  # or "comparisons": a self-improvement loop configured by comparisons.*
     model: ModelConfig = field(default_factory=ModelConfig)
     reference: str | None = None    # KL reference; default: the initial policy
     reward: str | dict | None = "task"     # reward source spec (docs/rewards.md); "task": the task's gold reward
@@ -86,9 +93,12 @@ class RLRunConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(**RL_TRAIN_DEFAULTS))
     rl: RLConfig = field(default_factory=RLConfig)
+    comparisons: ComparisonConfig = field(default_factory=ComparisonConfig)
     sft: dict | None = None         # Self-Rewarding PPO stage 1: train.* options of an SFT run on demonstrations
     output_dir: str = "runs"        # where run directories go
     run_name: str | None = None     # default: rl-<time stamp>
+
+    CHOICES = {"method": METHODS}
 
 
 @dataclass
@@ -143,6 +153,57 @@ _recipe("think-rm", {"reward": "builtin:verdict_match", "data": {"kind": "judgem
         summary="Think-RM stage 2: RL of a generative judge on verdict correctness",
         paper="Hong et al. 2025, arXiv 2505.16265")
 
+
+
+def _self_improving(name: str, comparisons: dict, rl: dict | None = None, **about) -> None:
+    """A self-improvement loop: sample, judge, build comparisons, train (`comparisons.*`)."""
+    _recipe(name, {"method": "comparisons", "comparisons": comparisons, "rl": {"group_size": 4, **(rl or {})},
+                   **about.pop("extra", {})}, **about)
+
+
+_ITERATIVE = {"steps_per_round": 8, "reference": "round"}
+_self_improving("online-dpo", {"rule": "best-worst", "loss": "dpo"}, {"group_size": 2},
+                summary="DPO on a fresh pair of policy samples per prompt each step, ranked by the reward or judge",
+                paper="Guo et al. 2024, arXiv 2402.04792")
+_self_improving("iterative-dpo", {**_ITERATIVE, "rule": "best-worst", "loss": "dpo"},
+                summary="rounds of sample, rank, DPO; the round's starting policy is the reference (loss=ipo works too)",
+                paper="Xu et al. 2023, arXiv 2312.16682; Xiong et al. 2023, arXiv 2312.11456")
+_self_improving("self-rewarding-lm", {**_ITERATIVE, "rule": "best-worst", "loss": "dpo"},
+                {"max_failure_rate": 1.0}, extra={"reward": "self"},
+                summary="the policy scores its own samples with an additive 5-point rubric, then DPO each round",
+                paper="Yuan et al. 2024, arXiv 2401.10020")
+_self_improving("cream", {**_ITERATIVE, "rule": "best-worst", "loss": "cream", "ranking": "implicit",
+                          "consistency": "avg"}, extra={"reward": None},
+                summary="self-rewarding by the DPO implicit reward; Kendall consistency with the last iterate's ranking "
+                        "smooths the labels", paper="Wang et al. 2024, arXiv 2410.12735")
+_self_improving("spin", {**_ITERATIVE, "rule": "reference-vs-sample", "loss": "dpo"}, {"group_size": 1},
+                extra={"reward": None},
+                summary="demonstrations as chosen, the previous iterate's samples as rejected",
+                paper="Chen et al. 2024, arXiv 2401.01335")
+_self_improving("sppo", {**_ITERATIVE, "rule": "win-rate", "loss": "sppo", "loss_options": {"beta": 0.1}},
+                {"group_size": 5},
+                summary="squared loss of log pi/pi_t to eta (win rate - 1/2) for the best and worst of K samples",
+                paper="Wu et al. 2024, arXiv 2405.00675")
+_self_improving("dno", {**_ITERATIVE, "rule": "soft-pairs", "loss": "dno"},
+                summary="regression to P(y beats y') against the current iterate (soft-label DPO, reference pi_t)",
+                paper="Rosset et al. 2024, arXiv 2404.03715")
+_self_improving("inpo", {**_ITERATIVE, "reference": "initial", "rule": "best-worst", "loss": "inpo"},
+                summary="squared loss on binary pairs against both pi_ref and the current iterate",
+                paper="Zhang et al. 2024, arXiv 2407.00617")
+_self_improving("nash-md", {"rule": "against-alternative", "loss": "nash-md", "sampler": "mixture"},
+                {"group_size": 2},
+                summary="policy samples against samples of the geometric mixture with the reference; REINFORCE on "
+                        "P(win) - 1/2 with a KL penalty", paper="Munos et al. 2023, arXiv 2312.00886")
+_self_improving("raft", {"steps_per_round": 4, "rule": "best", "loss": "sft"},
+                summary="best-of-N by the reward, then fine-tuning on the kept answers",
+                paper="Dong et al. 2023, arXiv 2304.06767")
+_self_improving("rest", {"steps_per_round": 8, "epochs": 2, "rule": "threshold", "loss": "sft",
+                         "rule_options": {"threshold": 0.5}},
+                summary="grow (sample) then improve (fine-tune on answers above a reward threshold), in rounds",
+                paper="Gulcehre et al. 2023, arXiv 2308.08998")
+_self_improving("rso", {"steps_per_round": 8, "sampler": "reference", "rule": "rso", "loss": "dpo"}, {"group_size": 8},
+                summary="statistical rejection sampling from the initial policy towards the optimal policy, then DPO",
+                paper="Liu et al. 2023, arXiv 2309.06657")
 
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
@@ -223,8 +284,8 @@ def _sft(cfg: RLRunConfig, model, tokenizer):
     or the built-in task's demonstrations."""
     from alignkit.train.recipes import DataConfig, RunConfig, train
 
-    shared = ("train", "eval", "eval_fraction", "columns", "on_error", "split", "task", "task_options",
-              "task_size", "eval_size", "seed", "tokenize")   # the user's demonstrations, when given
+    shared = ("train", "eval", "eval_fraction", "columns", "on_error", "max_record_chars", "split", "task",
+              "task_options", "task_size", "eval_size", "seed", "tokenize")   # the user's demonstrations, when given
     sft_cfg = RunConfig(model=cfg.model, data=DataConfig(**{key: getattr(cfg.data, key) for key in shared}),
                         train=build(TrainConfig, {"progress": cfg.train.progress,
                                                   "distributed": to_dict(cfg.train.distributed), **cfg.sft}),
@@ -240,11 +301,18 @@ def _sources(cfg: RLRunConfig, model, tokenizer, run: RunDir):
         policy, reference, reward = _self_rewarding_stage(cfg, model, tokenizer, run)
         return policy, reference, reward, None
     reference = load_model_and_tokenizer(build(ModelConfig, {"name": cfg.reference}))[0] if cfg.reference else None
-    reward = build_source(_default_task(cfg.reward, cfg)) if cfg.reward else None
+    reward = build_source(_default_task(cfg.reward, cfg)) if cfg.reward not in (None, "self") else cfg.reward
     judge = build_source(cfg.judge) if cfg.judge else None
     if judge is not None and not hasattr(judge, "compare"):
         raise ConfigError(f"judge {cfg.judge!r} is a pointwise reward source; pass it as reward= instead")
     return model, reference, reward, judge
+
+
+def _needs_reference(cfg: RLRunConfig) -> bool:
+    """Whether the run keeps a frozen copy of the initial policy: a KL term, or a loop that reads or samples it."""
+    if cfg.method == "comparisons":
+        return reads_initial(cfg.comparisons)
+    return bool(cfg.rl.kl_coef)
 
 
 def _default_task(spec, cfg: RLRunConfig):
@@ -257,7 +325,7 @@ def _eval_reward(cfg: RLRunConfig, reward):
         return build_source(_default_task(cfg.eval_reward, cfg))
     if cfg.data.train is None and cfg.data.kind == "prompt":
         return build_source(_default_task("task", cfg))
-    return reward if cfg.reward != "srppo" else None
+    return reward if cfg.reward not in ("srppo", "self") else None
 
 
 def _bind_reference(cfg: RLRunConfig, sources, reference_policy, tokenizer) -> None:
@@ -313,20 +381,30 @@ def run_rl(cfg: RLRunConfig, resume: str | Path | None = None, model=None, token
         policy, reference, reward, judge = _sources(cfg, model, tokenizer, run)
     eval_reward = _eval_reward(cfg, reward)
     _bind_reference(cfg, (reward, eval_reward), policy if reference is None else reference, tokenizer)
-    if reference is None and cfg.rl.kl_coef:
+    if reference is None and _needs_reference(cfg):
         reference = copy.deepcopy(policy)
-    critic, head = make_critic(policy, cfg.rl)
+    iterates = frozen_copies(policy, 2) if cfg.method == "comparisons" and cfg.comparisons.ranking == "implicit" else []
+    critic, head = make_critic(policy, cfg.rl) if cfg.method == "policy-gradient" else (None, None)
     policy, critic, head = (prepare_model(m, cfg.train) if m is not None else None for m in (policy, critic, head))
+    iterates = [prepare_model(m, cfg.train) for m in iterates]
     if reference is not None:
         reference = prepare_model(reference.requires_grad_(False), cfg.train)
     for frozen in scoring_models(reward, judge, eval_reward):
         if not distributed.is_sharded(frozen):
             prepare_model(frozen.requires_grad_(False), cfg.train)
     generator = GENERATORS.call(cfg.rollout.backend, policy, tokenizer, **cfg.rollout.options)
-    method = OnlineMethod(policy, tokenizer, generator, encode[0], train_records, cfg.rl, cfg.rollout.sampling(),
-                          steps=cfg.train.steps, seed=cfg.train.seed, micro_batch_size=cfg.train.micro_batch_size,
-                          lr=cfg.train.lr, reward=reward, judge=judge, reference=reference, critic=critic, head=head,
-                          eval_prompts=encode[1], eval_records=eval_records, eval_reward=eval_reward)
+    if reward == "self":
+        reward = self_judge(generator, encoder, seed=cfg.train.seed)
+    common = {"steps": cfg.train.steps, "seed": cfg.train.seed, "micro_batch_size": cfg.train.micro_batch_size,
+              "lr": cfg.train.lr, "reward": reward, "judge": judge, "reference": reference, "eval_prompts": encode[1],
+              "eval_records": eval_records, "eval_reward": eval_reward}
+    if cfg.method == "comparisons":
+        method = ComparisonMethod(policy, tokenizer, generator, encode[0], train_records, cfg.rl,
+                                  cfg.rollout.sampling(), comparisons=cfg.comparisons, encoder=encoder,
+                                  iterates=iterates, **common)
+    else:
+        method = OnlineMethod(policy, tokenizer, generator, encode[0], train_records, cfg.rl, cfg.rollout.sampling(),
+                              critic=critic, head=head, **common)
     loop = Loop(method, cfg.train, run)
     metrics = loop.fit(resume=bool(resume))
     return RLResult(run, metrics, loop.initial_metrics, loop, method)
