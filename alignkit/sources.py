@@ -10,6 +10,7 @@ A spec is `KIND:TARGET[,key=value...]` or a YAML file holding a mapping with `ki
     pm:runs/pairwise-rm-20261123-1030            pairwise preference model (SNGP uncertainty)
     implicit:runs/dpo-1,baseline=runs/sft-1,beta=0.1
     rule:my_rewards.py:exact_match,timeout_s=5   a Python function (prompt, completion, reference) -> float
+    rule:my_rewards.py:verify,isolation=process,memory_mb=512   ... run in killable worker processes
     builtin:verdict_match                         a built-in rule: exact_match or verdict_match
     task:arithmetic                               a built-in task's gold reward (its verifier)
     judge:http://127.0.0.1:8000,model=default    generative pairwise judge over HTTP

@@ -2,100 +2,78 @@
 batch functions as Hugging Face TRL users write them (`BatchRuleReward`).
 
 Each sample is scored on its own, so one bad sample never loses the others. Policies:
-- an exception, a non-numeric or non-finite return, or a call past `timeout_s` is a failure;
+- an exception, a non-numeric or non-finite return, or a call unfinished `timeout_s` after the batch
+  started (one deadline per batch) is a failure;
 - `on_error="score"` (default) gives a failure `failure_score` and counts it (with the first
   messages kept in `stats.examples`); `on_error="raise"` stops with a RewardError naming the sample.
-A call past its timeout is abandoned: it keeps running in a daemon thread until it returns (Python
-cannot stop a thread), but the run no longer waits for it and the process can still exit.
+Where the calls run is `isolation` (alignkit/isolation.py): threads of this process ("none": a hang
+is abandoned but keeps running, a crash kills training) or worker processes ("process": killed and
+replaced on a timeout or a crash).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import math
-import threading
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
+from alignkit.isolation import ISOLATION, Outcome, load_rule
 from alignkit.rewards.base import CallStats, Prompt, RewardError, Scores
 
 RuleFn = Callable[[Prompt, str, str | None], float]
 ON_ERROR = ("score", "raise")
+__all__ = ["BatchRuleReward", "RuleReward", "exact_match", "is_batch_function", "load_rule"]
 
 
-def load_rule(spec: str) -> RuleFn:
-    """Load `path/to/file.py:function` (as given on the command line)."""
-    path, sep, name = spec.rpartition(":")
-    if not sep or not path or not name:
-        raise ValueError(f"reward function {spec!r} must look like path/to/file.py:function_name")
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"reward function file not found: {path}")
-    module_spec = importlib.util.spec_from_file_location(f"alignkit_rule_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as err:
-        raise ValueError(f"could not import {path}: {type(err).__name__}: {err}") from err
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ValueError(f"{path} has no function {name!r}")
-    return fn
-
-
-def _call_with_timeout(fn: RuleFn, args: tuple, timeout_s: float) -> tuple[object, BaseException | None, bool]:
-    """(result, exception, timed_out) of fn(*args), waiting at most timeout_s."""
-    box: dict = {}
-
-    def run():
-        try:
-            box["result"] = fn(*args)
-        except BaseException as err:  # noqa: BLE001 - reported per sample, never swallowed silently
-            box["error"] = err
-
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    if worker.is_alive():
-        return None, None, True
-    return box.get("result"), box.get("error"), False
+def _is_score(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
 
 class RuleReward:
-    def __init__(self, fn: RuleFn | str, *, timeout_s: float = 10.0, on_error: str = "score",
-                 failure_score: float = 0.0):
+    def __init__(self, fn: RuleFn | str, *, timeout_s: float = 60.0, on_error: str = "score",
+                 failure_score: float = 0.0, isolation: str = "none", workers: int = 4,
+                 memory_mb: int | None = None):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if not _is_score(timeout_s) or timeout_s <= 0:
+            raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a whole number >= 1, got {workers!r}")
         self.fn = load_rule(fn) if isinstance(fn, str) else fn
         self.timeout_s, self.on_error, self.failure_score = timeout_s, on_error, failure_score
+        self.runner = ISOLATION.call(isolation, self.fn, workers=workers, memory_mb=memory_mb)
         self.stats = CallStats()
 
-    def _one(self, index: int, prompt: Prompt, completion: str, reference: str | None) -> float | None:
-        result, error, timed_out = _call_with_timeout(self.fn, (prompt, completion, reference), self.timeout_s)
-        if timed_out:
-            problem = f"sample {index}: timed out after {self.timeout_s:g}s"
-        elif error is not None:
-            problem = f"sample {index}: {type(error).__name__}: {error}"
-        elif isinstance(result, bool) or not isinstance(result, int | float) or not math.isfinite(result):
-            problem = f"sample {index}: returned {result!r}, not a finite number"
-        else:
-            return float(result)
+    def close(self) -> None:
+        """Stop the worker processes (isolation=process); they are also stopped at interpreter exit."""
+        self.runner.close()
+
+    def _fail(self, problem: str, *, timeout: bool = False, samples: int = 1) -> None:
         if self.on_error == "raise":
             raise RewardError(f"reward function {getattr(self.fn, '__name__', self.fn)} failed on {problem}")
-        self.stats.failure(problem, timeout=timed_out)
+        self.stats.failure(problem, timeout=timeout, samples=samples)
+
+    def _one(self, index: int, outcome: Outcome) -> float | None:
+        if outcome.error is None and _is_score(outcome.value):
+            return float(outcome.value)
+        problem = outcome.error or f"returned {outcome.value!r}, not a finite number"
+        self._fail(f"sample {index}: {problem}", timeout=outcome.timed_out)
         return None
+
+    def _scores(self, results: list[float | None]) -> Scores:
+        failed = torch.tensor([r is None for r in results])
+        values = torch.tensor([self.failure_score if r is None else r for r in results], dtype=torch.float32)
+        return Scores(values, failed=failed)
 
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str],
               references: Sequence[str | None] | None = None) -> Scores:
         references = references if references is not None else [None] * len(prompts)
+        calls = [((p, c, r), {}) for p, c, r in zip(prompts, completions, references, strict=True)]
         with self.stats.timed(len(prompts)):
-            results = [self._one(i, p, c, r) for i, (p, c, r) in
-                       enumerate(zip(prompts, completions, references, strict=True))]
-        failed = torch.tensor([r is None for r in results])
-        values = torch.tensor([self.failure_score if r is None else r for r in results], dtype=torch.float32)
-        return Scores(values, failed=failed)
+            outcomes = self.runner.run(calls, self.timeout_s)
+            return self._scores([self._one(i, outcome) for i, outcome in enumerate(outcomes)])
 
 
 def exact_match(prompt: Prompt, completion: str, reference: str | None) -> float:
@@ -127,8 +105,8 @@ class BatchRuleReward(RuleReward):
     reads_tokens = True
     reads_columns = True
 
-    def __init__(self, fn: Callable | str, *, timeout_s: float = 60.0, **options):
-        super().__init__(fn, timeout_s=timeout_s, **options)
+    def __init__(self, fn: Callable | str, **options):
+        super().__init__(fn, **options)
         self.unscored = 0
 
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str], references=None, *,
@@ -139,38 +117,23 @@ class BatchRuleReward(RuleReward):
                      "completion_ids": [list(c) for _, c in tokens] if tokens is not None else None,
                      **_by_name(columns or [{} for _ in prompts], references)}
         with self.stats.timed(len(prompts)):
-            results = self._call(arguments, len(prompts))
-        failed = torch.tensor([r is None for r in results])
-        values = torch.tensor([self.failure_score if r is None else r for r in results], dtype=torch.float32)
-        return Scores(values, failed=failed)
+            (outcome,) = self.runner.run([((), arguments)], self.timeout_s)
+            return self._scores(self._split(outcome, len(prompts)))
 
-    def _call(self, arguments: dict, n: int) -> list[float | None]:
-        result, error, timed_out = _call_with_timeout(lambda: self.fn(**arguments), (), self.timeout_s)
-        name = getattr(self.fn, "__name__", self.fn)
-        if timed_out:
-            problem = f"batch of {n}: timed out after {self.timeout_s:g}s"
-        elif error is not None:
-            problem = f"batch of {n}: {type(error).__name__}: {error}"
-        elif not isinstance(result, list | tuple) or len(result) != n:
-            problem = f"batch of {n}: returned {result!r:.80}, not a list of {n} scores"
-        else:
-            return [self._value(i, value) for i, value in enumerate(result)]
-        if self.on_error == "raise":
-            raise RewardError(f"reward function {name} failed on a {problem}")
-        self.stats.failure(problem, timeout=timed_out, samples=n)   # every sample of the batch failed
+    def _split(self, outcome: Outcome, n: int) -> list[float | None]:
+        """One score per sample, or every sample failed when the call itself did."""
+        value = outcome.value
+        if outcome.error is None and isinstance(value, list | tuple) and len(value) == n:
+            return [self._value(i, v) for i, v in enumerate(value)]
+        problem = outcome.error or f"returned {value!r:.80}, not a list of {n} scores"
+        self._fail(f"a batch of {n}: {problem}", timeout=outcome.timed_out, samples=n)
         return [None] * n
 
     def _value(self, index: int, value) -> float | None:
         if value is None:
             self.unscored += 1
             return None
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            problem = f"sample {index}: returned {value!r}, not a finite number"
-            if self.on_error == "raise":
-                raise RewardError(f"reward function {getattr(self.fn, '__name__', self.fn)} failed on {problem}")
-            self.stats.failure(problem)
-            return None
-        return float(value)
+        return self._one(index, Outcome(value))
 
 
 def _as_completion(prompt: Prompt, text: str):
