@@ -145,6 +145,22 @@ def cmd_rl(args) -> int:
     return 0
 
 
+@COMMANDS.register("best-of-n", summary="each prompt's best of N sampled completions by a reward source, as JSON lines",
+                   config="alignkit.bestofn:BestOfNConfig")
+def cmd_best_of_n(args) -> int:
+    from alignkit.bestofn import BestOfNConfig, best_of_n
+
+    cfg = build(BestOfNConfig, _resolve(args, {"model.name": args.model}))
+    rows = best_of_n(cfg)
+    scored = [row["score"] for row in rows if not row["failed"]]
+    summary = {"prompts": len(rows), "failed": len(rows) - len(scored),
+               "mean best score": sum(scored) / len(scored) if scored else float("nan")}
+    if distributed.is_main():
+        console.print(summary_table(summary))
+        console.print(f"written: {cfg.output}", soft_wrap=True)
+    return 0
+
+
 @COMMANDS.register("serve", summary="serve a model over an OpenAI-compatible chat-completions API",
                    arguments="alignkit.serve:add_arguments")
 def cmd_serve(args) -> int:

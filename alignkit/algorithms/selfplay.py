@@ -40,8 +40,9 @@ class ComparisonInputs(PairedInputs):
 
 def comparison_loss(name: str, inputs: ComparisonInputs, **config) -> Tensor:
     """Per-comparison loss of `name`, from this registry or `PREFERENCE_LOSSES`."""
-    registry = COMPARISON_LOSSES if name in COMPARISON_LOSSES else PREFERENCE_LOSSES
-    return registry.call(name, inputs, **normalize_config(config))
+    if name in COMPARISON_LOSSES:   # their option names are their own (inpo's tau is no alias of beta)
+        return COMPARISON_LOSSES.call(name, inputs, **config)
+    return PREFERENCE_LOSSES.call(name, inputs, **normalize_config(config))
 
 
 def loss_entry(name: str):
@@ -99,7 +100,7 @@ def nash_md(x: ComparisonInputs, *, beta: float = 0.1) -> Tensor:
     score-function estimator of the KL (the practical Nash-MD-PG form puts the same penalty per token;
     the two have the same expectation).
     """
-    p, _ = x.targets("nash-md")
+    p = x._need(x.target_w, "chosen_targets", "nash-md")
     return (beta * x.h_w("nash-md").detach() - (p - 0.5)) * x.lp_w
 
 

@@ -164,8 +164,8 @@ class ComparisonMethod(OnlineMethod):
                 self._judge(groups, records, completions)
         scored = distributed.reduce_sums({k: v - before[k] for k, v in self._source_counts().items()})
         self._check_failures(scored, self.loop)
-        rng = random.Random((self.seed * 1_000_003 + self.round) * 7 + distributed.rank())
-        mine = [self._build(group, rng) for group in groups]
+        mine = [self._build(group, random.Random(sampling_seed(self.seed, self.round, 2, k)))
+                for k, group in zip(positions, groups, strict=True)]
         with timer("reference"):
             flat = [item for items in mine for item in items]
             self._fill_logprobs(flat)

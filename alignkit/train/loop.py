@@ -222,7 +222,8 @@ class Loop:
         if not distributed.is_main() or not tracking.names(self.cfg.report_to):
             return
         config = self.run.read_config() if (self.run.path / "config.yaml").exists() else {}
-        trackers = tracking.start(self.cfg.report_to, self.run.path, config, self.run.path.name)
+        trackers = tracking.start(self.cfg.report_to, self.run.path, config, self.run.path.name,
+                                  first_step=0 if replay else self.step + 1)
         for record in self.run.metrics() if replay else ():
             tracking.log(trackers, record)
         self.run.trackers = trackers

@@ -367,12 +367,13 @@ class UnpairedObjective(Objective):
                 listed.append(self._pair(split, *pair))
 
     def _pair(self, split: str, i: int, j: int) -> MismatchedPair:
-        """x_i with y_j as tokenized for example j, cut (as the encoder cuts) to fit max_length after x_i."""
-        own, other = self.splits[split][i], self.splits[split][j]
-        completion = other.encoded.completion
-        if own.max_length is not None and len(own.encoded.prompt) + len(completion) > own.max_length:
-            completion = completion[:own.max_length - len(own.encoded.prompt)]
-        return MismatchedPair(i, j, Encoded(own.encoded.prompt, completion))
+        """x_i with y_j as tokenized for example j (its trained-token mask too), cut as the encoder cuts to fit
+        max_length after x_i."""
+        own, other = self.splits[split][i], self.splits[split][j].encoded
+        prompt = own.encoded.prompt
+        room = None if own.max_length is None else own.max_length - len(prompt)
+        mask = None if other.mask is None else other.mask[:room]
+        return MismatchedPair(i, j, Encoded(prompt, other.completion[:room], mask))
 
     def _pair_reference(self, split: str, pairs: list[tuple[int, int]]) -> tuple[list[int], Tensor]:
         """Rows of `pairs` in the split's mismatched pairs, and their cached reference log-probs."""

@@ -119,12 +119,15 @@ def reference_vs_sample(group: JudgedGroup, rng: random.Random) -> list[Comparis
             if answer != group.reference]
 
 
-@PAIR_RULES.register("best", summary="the highest-scored answer alone, if above min_score (RAFT's best-of-N)",
-                     kind="single", needs="scores")
+@PAIR_RULES.register("best", summary="the highest-scored answer alone, if at least min_score and not tied with "
+                     "every other (RAFT's best-of-N)", kind="single", needs="scores")
 def best(group: JudgedGroup, rng: random.Random, *, min_score: float = -math.inf) -> list[Comparison]:
+    """A group whose answers all score the same says nothing about which to keep: it is dropped."""
     scores = _scores(group, "best")
     top = int(scores.argmax())
-    return [Comparison(group.prompt, group.answers[top])] if float(scores[top]) >= min_score else []
+    if float(scores[top]) < min_score or bool((scores == scores[top]).all()):
+        return []
+    return [Comparison(group.prompt, group.answers[top])]
 
 
 @PAIR_RULES.register("threshold", summary="every answer scored at least `threshold` (ReST's improve step)",

@@ -39,6 +39,7 @@ class DataConfig:
     kind: str | None = None          # "rating" trains kto/bco on thumbs up/down; default from the loss
     columns: dict | None = None      # our field name -> column name in the data
     on_error: str = "raise"          # or "skip": drop bad records, report their count and examples
+    max_record_chars: int = 1_000_000  # a record with more characters of text is a bad record (on_error)
     task: str = "cipher"             # built-in task used when `train` is empty
     task_options: dict = field(default_factory=dict)  # e.g. {max_operand: 9}
     task_size: int = 1000            # built-in task: training records
@@ -52,7 +53,7 @@ class DataConfig:
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
 
     RANGES = {"eval_fraction": (0, 1), "task_size": (1, None), "eval_size": (0, None), "flip_rate": (0, 1),
-              "targeted_flip_rate": (0, 1)}
+              "targeted_flip_rate": (0, 1), "max_record_chars": (1, None)}
 
 
 @dataclass
@@ -145,12 +146,13 @@ def load_splits(cfg: DataConfig, kind: str) -> tuple[list, list, list[str]]:
 def load_files(cfg, kind: str) -> tuple[list, list, list[str]]:
     """Records of one kind from `cfg.train` (and `cfg.eval`); the files read. Every trainer holds out the
     same way: without an eval file, a seeded random `eval_fraction` of the training records."""
-    loaded = load_records(cfg.train, kind, columns=cfg.columns, on_error=cfg.on_error, split=cfg.split)
+    limits = {"columns": cfg.columns, "on_error": cfg.on_error, "max_record_chars": cfg.max_record_chars}
+    loaded = load_records(cfg.train, kind, split=cfg.split, **limits)
     if loaded.skipped and distributed.is_main():
         log.warning("%s: %s", cfg.train, loaded.summary())
     train, files = loaded.records, [cfg.train]
     if cfg.eval:
-        evaluation = load_records(cfg.eval, kind, columns=cfg.columns, on_error=cfg.on_error).records
+        evaluation = load_records(cfg.eval, kind, **limits).records
         files.append(cfg.eval)
     else:
         shuffled = random.Random(cfg.seed).sample(train, len(train))

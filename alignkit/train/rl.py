@@ -21,6 +21,7 @@ from alignkit import distributed
 from alignkit.config import ConfigError, build, merge, to_dict
 from alignkit.data.records import PromptRecord
 from alignkit.data.tokenize import Encoder, TokenizeConfig
+from alignkit.judges.policy import self_judge
 from alignkit.judges.templates import pairwise_messages
 from alignkit.models.loading import ModelConfig, load_model_and_tokenizer
 from alignkit.registry import Registry
@@ -28,7 +29,6 @@ from alignkit.rewards.transforms import ReferenceSampler, RunningNorm, Transform
 from alignkit.rollout import GENERATORS, SamplingConfig
 from alignkit.sources import build_source
 from alignkit.tasks import TASKS
-from alignkit.judges.policy import self_judge
 from alignkit.train.comparisons import ComparisonConfig, ComparisonMethod, frozen_copies, reads_initial
 from alignkit.train.loop import Loop, TrainConfig
 from alignkit.train.online import OnlineMethod, RLConfig, make_critic
@@ -166,7 +166,7 @@ _self_improving("online-dpo", {"rule": "best-worst", "loss": "dpo"}, {"group_siz
                 summary="DPO on a fresh pair of policy samples per prompt each step, ranked by the reward or judge",
                 paper="Guo et al. 2024, arXiv 2402.04792")
 _self_improving("iterative-dpo", {**_ITERATIVE, "rule": "best-worst", "loss": "dpo"},
-                summary="rounds of sample, rank, DPO; the round's starting policy is the reference (loss=ipo works too)",
+                summary="rounds of sample, rank, DPO against the round's starting policy (loss=ipo works too)",
                 paper="Xu et al. 2023, arXiv 2312.16682; Xiong et al. 2023, arXiv 2312.11456")
 _self_improving("self-rewarding-lm", {**_ITERATIVE, "rule": "best-worst", "loss": "dpo"},
                 {"max_failure_rate": 1.0}, extra={"reward": "self"},
@@ -174,8 +174,8 @@ _self_improving("self-rewarding-lm", {**_ITERATIVE, "rule": "best-worst", "loss"
                 paper="Yuan et al. 2024, arXiv 2401.10020")
 _self_improving("cream", {**_ITERATIVE, "rule": "best-worst", "loss": "cream", "ranking": "implicit",
                           "consistency": "avg"}, extra={"reward": None},
-                summary="self-rewarding by the DPO implicit reward; Kendall consistency with the last iterate's ranking "
-                        "smooths the labels", paper="Wang et al. 2024, arXiv 2410.12735")
+                summary="self-rewarding by the DPO implicit reward; Kendall consistency with the last iterate's "
+                        "ranking smooths the labels", paper="Wang et al. 2024, arXiv 2410.12735")
 _self_improving("spin", {**_ITERATIVE, "rule": "reference-vs-sample", "loss": "dpo"}, {"group_size": 1},
                 extra={"reward": None},
                 summary="demonstrations as chosen, the previous iterate's samples as rejected",

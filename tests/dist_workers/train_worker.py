@@ -36,8 +36,9 @@ OFFLINE = {  # name -> (command, loss, extra train.* options)
     "pairwise": ("pairwise-rm", {}, {}),
 }
 ONLINE = {"grpo": {}, "ppo": {}, "grpo-rm": {}, "dapo": {"overlong_buffer": 0}}   # grpo-rm: a sharded reward model
+SELF_IMPROVING = {"iterative-dpo": {"steps_per_round": 2}, "nash-md": {}, "cream": {"steps_per_round": 2}}
 ANY_BATCH = {"dapo"}   # dynamic sampling rounds prompts up to a multiple of the world size: other batches
-CASES = (*OFFLINE, *ONLINE)
+CASES = (*OFFLINE, *ONLINE, *SELF_IMPROVING)
 # The whole gradient within this relative distance of one process's, by norm, instead of element by element:
 # bf16 (FSDP2 casts whole layers, one process autocasts per op); rewards a sharded model computes, whose
 # float32 rounding the group normalisation of GRPO magnifies.
@@ -68,11 +69,12 @@ def run_offline(name: str, out: Path, micro: int | None):
 
 def run_online(name: str, out: Path, micro: int | None):
     model, tokenizer = tiny_model_and_tokenizer(seed=0)
-    cfg = config_from({"recipe": name.split("-")[0], "output_dir": str(out), "run_name": name,
+    cfg = config_from({"recipe": name if name in SELF_IMPROVING else name.split("-")[0], "output_dir": str(out),
+                       "run_name": name, "comparisons": SELF_IMPROVING.get(name, {}),
                        "data": {"task": "arithmetic", "task_options": {"max_operand": 9}, "eval_size": 6},
                        "rollout": {"max_new_tokens": 4},
                        "train": {**_train_options(micro), "lr": 1e-2},
-                       "rl": {"prompts_per_step": 4, "group_size": 2 if name == "ppo" else 4, **ONLINE[name]}})
+                       "rl": {"prompts_per_step": 4, "group_size": 2 if name == "ppo" else 4, **ONLINE.get(name, {})}})
     reward = (RewardModel(tiny_reward_model(tiny_model_and_tokenizer(seed=5)[0]), tokenizer) if name == "grpo-rm"
               else RuleReward(lambda prompt, completion, reference: float(len(completion))))  # varies from the start
     path = run_rl(cfg, model=model, tokenizer=tokenizer, reward=reward).run.path

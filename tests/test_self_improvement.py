@@ -1,0 +1,157 @@
+"""Self-improvement loops: every recipe from the CLI and Python, the round mechanism, invariance, resume."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import alignkit
+from alignkit.cli import main
+from alignkit.models.tiny import tiny_model, tiny_tokenizer
+from alignkit.rewards.base import RewardComparison
+from alignkit.rewards.rules import RuleReward
+from alignkit.train.comparisons import ComparisonMethod
+from alignkit.train.rl import RECIPES, config_from, run_rl
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+SELF_IMPROVING = [e.name for e in RECIPES if e.fn().get("method") == "comparisons"]
+ARITHMETIC = {"task": "arithmetic", "task_options": {"max_operand": 9}, "task_size": 64, "eval_size": 4}
+
+
+def length(prompt, completion, reference):
+    return float(len(completion))   # varies from the first step, unlike the gold reward of an untrained model
+
+
+def loop_config(tmp_path, recipe: str, steps: int = 2, comparisons: dict | None = None, **rl):
+    return config_from({"recipe": recipe, "output_dir": str(tmp_path), "data": ARITHMETIC,
+                        "rollout": {"max_new_tokens": 4}, "train": {"steps": steps, "progress": False},
+                        "rl": {"prompts_per_step": 4, **rl}, "comparisons": comparisons or {}})
+
+
+def rows(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_all_self_improvement_recipes_are_registered():
+    assert set(SELF_IMPROVING) == {"online-dpo", "iterative-dpo", "self-rewarding-lm", "cream", "spin", "sppo", "dno",
+                                   "inpo", "nash-md", "raft", "rest", "rso"}
+
+
+@pytest.mark.parametrize("recipe", SELF_IMPROVING)
+def test_every_recipe_runs_from_the_cli_and_counts_its_round(tmp_path, recipe, capsys):
+    assert main(["rl", "--recipe", recipe, "--model", "tiny", f"output_dir={tmp_path}", "run_name=run",
+                 "data.task=arithmetic", "data.task_size=32", "data.eval_size=4", "rollout.max_new_tokens=4",
+                 "train.steps=2", "train.progress=false", "rl.prompts_per_step=4", "comparisons.steps_per_round=1",
+                 "comparisons.epochs=1"]) == 0
+    logged = rows(tmp_path / "run")
+    rounds = [r for r in logged if "train/comparisons" in r]
+    assert [r["train/round"] for r in rounds] == [0, 1]
+    assert all(r["train/prompts_without_comparisons"] <= 4 for r in rounds)
+    assert (tmp_path / "run" / "model" / "config.json").exists()
+
+
+def test_the_python_api_runs_a_loop_with_a_reward_object(tmp_path):
+    result = alignkit.RL("online-dpo", model="tiny", reward=RuleReward(length), output_dir=str(tmp_path), steps=2,
+                         prompts_per_step=4, max_new_tokens=4, task="arithmetic", task_size=32, eval_size=4,
+                         progress=False).train()
+    logged = rows(result.run_dir)
+    assert any("train/comparison/loss" in r for r in logged), "pairs of unequal length were trained on"
+    assert result.model_path.exists()
+
+
+def test_a_round_judges_each_pair_once_and_steps_share_its_comparisons(tmp_path):
+    cfg = loop_config(tmp_path, "iterative-dpo", steps=4, comparisons={"steps_per_round": 2, "rule": "all-pairs"},
+                      group_size=3)
+    judge = RewardComparison(RuleReward(length))
+    result = run_rl(cfg, model=tiny_model(), tokenizer=tiny_tokenizer(), judge=judge)
+    logged = rows(result.run.path)
+    rounds = [r for r in logged if "train/comparisons" in r]
+    assert [r["train/round"] for r in rounds] == [0, 1] and [r["step"] for r in rounds] == [1, 3]
+    # 2 steps x 4 prompts per round, one comparison per unordered pair of 3 answers (Bradley-Terry scores both)
+    assert all(r["train/judge/items"] == 2 * 8 * 3 for r in rounds)
+    assert all(0 < r["train/comparisons"] <= 8 * 3 for r in rounds)
+
+
+def _gradients(tmp_path, micro):
+    """The first step's gradient of an iterative-DPO round, at micro-batch size `micro`."""
+    torch.manual_seed(0)
+    cfg = loop_config(tmp_path / str(micro), "iterative-dpo", steps=1, comparisons={"steps_per_round": 1,
+                      "rule": "all-pairs"}, group_size=3)
+    cfg.train.micro_batch_size = micro
+    grads = {}
+    original = ComparisonMethod.update_on
+
+    def recording(method, items, loop):
+        step = loop.apply_gradients
+
+        def record():
+            grads.update({n: p.grad.clone() for n, p in method.policy.named_parameters() if p.grad is not None})
+            return step()
+
+        loop.apply_gradients = record
+        return original(method, items, loop)
+
+    ComparisonMethod.update_on = recording
+    try:
+        run_rl(cfg, model=tiny_model(), tokenizer=tiny_tokenizer(), reward=RuleReward(length))
+    finally:
+        ComparisonMethod.update_on = original
+    return grads
+
+
+def test_micro_batching_does_not_change_the_gradient(tmp_path):
+    whole, single = _gradients(tmp_path, None), _gradients(tmp_path, 1)
+    assert whole and any(g.abs().sum() > 0 for g in whole.values())
+    for name, grad in whole.items():
+        torch.testing.assert_close(single[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_run_stopped_mid_round_resumes_on_the_same_comparisons(tmp_path):
+    def run(root, resume=None):
+        cfg = loop_config(root, "iterative-dpo", steps=4, comparisons={"steps_per_round": 4})
+        cfg.run_name, cfg.train.save_every, cfg.train.lr = "run", 2, 1e-3
+        return run_rl(cfg, resume=resume, model=tiny_model(), tokenizer=tiny_tokenizer(),
+                      reward=RuleReward(length)).run.path
+
+    straight = run(tmp_path / "straight")
+    stopped = tmp_path / "stopped" / "run"
+    shutil.copytree(straight, stopped)
+    shutil.rmtree(stopped / "checkpoints" / "step-0000004")
+    (stopped / "checkpoints" / "latest").unlink()   # as if killed after step 2, mid-round
+    shutil.rmtree(stopped / "model")
+    run(tmp_path / "stopped", resume=stopped)
+    ours, theirs = (load_file(p / "model" / "model.safetensors") for p in (straight, stopped))
+    for name, weight in ours.items():
+        assert torch.equal(theirs[name], weight), name
+    assert [r["train/round"] for r in rows(stopped) if "train/comparisons" in r] == [0], "no second round was built"
+
+
+def test_spin_needs_reference_answers_and_uses_no_reward(tmp_path):
+    result = run_rl(loop_config(tmp_path, "spin", steps=1, comparisons={"steps_per_round": 1}),
+                    model=tiny_model(), tokenizer=tiny_tokenizer())
+    round_row = next(r for r in rows(result.run.path) if "train/comparisons" in r)
+    assert round_row["train/comparisons"] == 4 and "train/reward/calls" not in round_row
+
+
+def test_a_rule_that_ranks_without_a_reward_or_judge_is_refused(tmp_path):
+    cfg = loop_config(tmp_path, "online-dpo")
+    cfg.reward = None
+    with pytest.raises(ValueError, match="reward source or a judge"):
+        run_rl(cfg, model=tiny_model(), tokenizer=tiny_tokenizer())
+
+
+def test_a_single_answer_rule_with_a_pair_loss_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="single comparisons"):
+        run_rl(loop_config(tmp_path, "raft", comparisons={"loss": "dpo"}), model=tiny_model(),
+               tokenizer=tiny_tokenizer(), reward=RuleReward(length))
+
+
+def test_the_self_rewarding_judge_is_the_policy_with_the_additive_rubric(tmp_path):
+    result = run_rl(loop_config(tmp_path, "self-rewarding-lm", steps=1, comparisons={"steps_per_round": 1}),
+                    model=tiny_model(), tokenizer=tiny_tokenizer())
+    reward = result.method.reward
+    assert reward.template == "additive" and reward.backend.generator is result.method.generator
+    round_row = next(r for r in rows(result.run.path) if "train/comparisons" in r)
+    assert round_row["train/reward/items"] == 4 * 4   # every sample judged once
