@@ -155,3 +155,20 @@ def test_the_self_rewarding_judge_is_the_policy_with_the_additive_rubric(tmp_pat
     assert reward.template == "additive" and reward.backend.generator is result.method.generator
     round_row = next(r for r in rows(result.run.path) if "train/comparisons" in r)
     assert round_row["train/reward/items"] == 4 * 4   # every sample judged once
+
+
+def test_best_of_n_writes_each_prompts_best_completion_and_its_scores(tmp_path, capsys):
+    rewards = tmp_path / "rewards.py"
+    rewards.write_text("def length(prompt, completion, reference):\n    return float(len(completion))\n\n"
+                       "def broken(prompt, completion, reference):\n    raise RuntimeError('no score')\n")
+    out = tmp_path / "best.jsonl"
+    args = ["best-of-n", "--model", "tiny", "data.task=arithmetic", "data.task_size=6", "n=4",
+            "rollout.max_new_tokens=6", f"output={out}"]
+    assert main([*args, f"reward=rule:{rewards}:length"]) == 0
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(written) == 6 and all(len(row["scores"]) == 4 for row in written)
+    for row in written:
+        assert row["score"] == max(row["scores"]) == len(row["completion"]) and not row["failed"]
+    assert main([*args, f"reward=rule:{rewards}:broken"]) == 0
+    assert all(row["failed"] for row in map(json.loads, out.read_text().splitlines()))
+    assert "failed" in capsys.readouterr().out
