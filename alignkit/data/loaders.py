@@ -7,6 +7,7 @@ import importlib
 import io
 import json
 import re
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -17,6 +18,7 @@ from alignkit.registry import Entry, Registry
 
 ON_ERROR = ("raise", "skip")
 MAX_EXAMPLES = 5
+MAX_RECORD_CHARS = 1_000_000  # characters of all a record's texts together; more is a bad record
 HUB_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")  # "owner/name", not "./name"
 
 
@@ -62,23 +64,26 @@ DATA_FORMATS = Registry("data format")
 
 
 def load_records(
-    source: str | Path,
+    source,
     kind: str,
     *,
     columns: dict[str, str] | None = None,
     on_error: str = "raise",
     split: str = "train",
+    max_record_chars: int = MAX_RECORD_CHARS,
 ) -> LoadResult:
     """Read `source` and parse each row into a record of `kind` (see RECORD_KINDS).
 
     `source` is a .jsonl/.json/.parquet/.csv file, a folder written by `save_to_disk` (`split` picks
-    from a DatasetDict), or a hub id "owner/name" (`split` is loaded). `columns` maps our field names
-    to the file's column names. With `on_error="raise"` the first bad row raises a DataError; with
-    "skip" bad rows are dropped and counted (the first few kept in `errors`). A source that cannot be
-    read at all, or that yields no records, always raises.
+    from a DatasetDict), a hub id "owner/name" (`split` is loaded), a list of dicts, or a
+    `datasets.Dataset` (or DatasetDict: `split` picks). `columns` maps our field names to the file's
+    column names. A row whose texts hold more than `max_record_chars` characters together is bad. With
+    `on_error="raise"` the first bad row raises a DataError; with "skip" bad rows are dropped and counted
+    (the first few kept in `errors`). A source that cannot be read at all, or that yields no records,
+    always raises.
 
     Locations: lines count from 1 as in an editor (.jsonl, .csv, where the header is line 1), rows from 0
-    as in `dataset[i]` (.json, .parquet, datasets). CSV cells are strings, so for CSV only the fields
+    as in `dataset[i]` (.json, .parquet, datasets, lists). CSV cells are strings, so for CSV only the fields
     margin, score_chosen, score_rejected (numbers) and label (true/false, yes/no, 1/0) are converted,
     and a blank cell in an optional field (margin, scores, subset, reference) counts as absent.
     """
@@ -88,15 +93,13 @@ def load_records(
         parse = RECORD_KINDS.get(kind).fn
     except KeyError as error:
         raise ValueError(error.args[0]) from None
-    source, columns = str(source), columns or {}
-    reader = _format_of(source)
-    text_cells = reader.meta.get("text_cells", False)
-    result = LoadResult(records=[], source=source)
-    for location, row in reader.fn(source, split):
-        outcome = _record_or_error(parse, row, source, location, columns, text_cells)
+    name, rows, text_cells = _rows_of(source, split)
+    check = RowCheck(parse, name, columns or {}, text_cells, max_record_chars)
+    result = LoadResult(records=[], source=name)
+    for location, row in rows:
+        outcome = check(row, location)
         if not isinstance(outcome, DataError):
-            origin = _origin(source, location)
-            result.records.append(replace(outcome, index=len(result.records), origin=origin))
+            result.records.append(replace(outcome, index=len(result.records), origin=_origin(name, location)))
         elif on_error == "raise":
             raise outcome
         else:
@@ -108,24 +111,57 @@ def load_records(
     return result
 
 
-def _record_or_error(
-    parse: Callable[[dict[str, Any]], Any],
-    row: dict[str, Any] | Unreadable,
-    source: str,
-    location: str,
-    columns: dict[str, str],
-    text_cells: bool,
-) -> Any:
-    """The record parsed from `row`, or the DataError saying why it could not be."""
-    if isinstance(row, Unreadable):
-        return DataError(source, row.reason, location)
-    fields = _rename(row, columns)
-    try:
-        return parse(from_text_cells(fields) if text_cells else fields)
-    except FieldError as error:
-        column = columns.get(error.field)
-        note = f" (column {column!r})" if column else ""
-        return DataError(source, error.message + note, location, error.field)
+def _rows_of(source, split: str) -> tuple[str, Rows, bool]:
+    """How messages name `source`, its rows, and whether its cells are all text (CSV)."""
+    if isinstance(source, str | Path):
+        reader = _format_of(str(source))
+        return str(source), reader.fn(str(source), split), reader.meta.get("text_cells", False)
+    if isinstance(source, list):
+        return "<list>", _list_rows(source), False
+    datasets = sys.modules.get("datasets")  # an object can only be a Dataset once datasets is imported
+    if datasets is not None and isinstance(source, datasets.DatasetDict):
+        return "<DatasetDict>", _dataset_rows(_split_of(source, "<DatasetDict>", split)), False
+    if datasets is not None and isinstance(source, datasets.Dataset):
+        return "<Dataset>", _dataset_rows(source), False
+    raise TypeError(f"a data source is a path, a hub id, a list of dicts or a datasets.Dataset, "
+                    f"got {type(source).__name__}")
+
+
+@dataclass(frozen=True)
+class RowCheck:
+    """Turns one row into its record, or into the DataError saying why it cannot be one."""
+
+    parse: Callable[[dict[str, Any]], Any]
+    source: str
+    columns: dict[str, str]
+    text_cells: bool
+    max_chars: int
+
+    def __call__(self, row: dict[str, Any] | Unreadable, location: str) -> Any:
+        if isinstance(row, Unreadable):
+            return DataError(self.source, row.reason, location)
+        size = _chars(row)
+        if size > self.max_chars:
+            return DataError(self.source, f"a record of {size:,} characters, more than data.max_record_chars="
+                             f"{self.max_chars:,}", location)
+        fields = _rename(row, self.columns)
+        try:
+            return self.parse(from_text_cells(fields) if self.text_cells else fields)
+        except FieldError as error:
+            column = self.columns.get(error.field)
+            note = f" (column {column!r})" if column else ""
+            return DataError(self.source, error.message + note, location, error.field)
+
+
+def _chars(value: Any) -> int:
+    """Characters of every text in a row (nested chat messages too)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(map(_chars, value.values()))
+    if isinstance(value, list | tuple):
+        return sum(map(_chars, value))
+    return 0
 
 
 def _rename(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
@@ -254,11 +290,13 @@ def read_saved_dataset(source: str, split: str) -> Rows:
         saved = datasets.load_from_disk(source)
     except (OSError, ValueError) as error:
         raise DataError(source, f"not a folder written by save_to_disk ({error})") from None
-    if isinstance(saved, datasets.DatasetDict):
-        if split not in saved:
-            raise DataError(source, f"no split {split!r}; it has {', '.join(saved)}")
-        saved = saved[split]
-    yield from _dataset_rows(saved)
+    yield from _dataset_rows(_split_of(saved, source, split) if isinstance(saved, datasets.DatasetDict) else saved)
+
+
+def _split_of(splits, source: str, split: str):
+    if split not in splits:
+        raise DataError(source, f"no split {split!r}; it has {', '.join(splits)}")
+    return splits[split]
 
 
 @DATA_FORMATS.register("hub", summary='a Hugging Face hub dataset id "owner/name"')
@@ -269,6 +307,11 @@ def read_hub(source: str, split: str) -> Rows:
     except Exception as error:  # network, auth, missing repo or split: all mean "cannot load this"
         raise DataError(source, f"could not load split {split!r} from the hub: {error}") from error
     yield from _dataset_rows(dataset)
+
+
+def _list_rows(rows: list) -> Rows:
+    for number, row in enumerate(rows):
+        yield f"row {number}", row if isinstance(row, dict) else Unreadable(f"expected a dict, got {type_name(row)}")
 
 
 def _dataset_rows(dataset) -> Rows:

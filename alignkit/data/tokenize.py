@@ -69,7 +69,7 @@ def _as_messages(prompt: Prompt) -> list[dict]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
-def _text_of(message: dict) -> str:
+def message_text(message: dict) -> str:
     """A message's content, with its tool calls as JSON (plain template)."""
     calls = message.get("tool_calls")
     return (message.get("content") or "") + (json.dumps(calls) if calls else "")
@@ -133,7 +133,7 @@ class Encoder:
     def _plain_head(prompt: Prompt) -> str:
         if isinstance(prompt, str):
             return prompt
-        return "".join(f"{m['role']}: {_text_of(m)}\n" for m in prompt) + "assistant: "
+        return "".join(f"{m['role']}: {message_text(m)}\n" for m in prompt) + "assistant: "
 
     def encode(self, prompt: Prompt, completion: Completion | None = None) -> Encoded:
         """Token ids of `prompt` and `completion` (a text, or chat messages whose assistant turns are trained).
@@ -202,7 +202,7 @@ class Encoder:
         return pieces
 
     def _appended_text(self, message: dict) -> str:
-        text = _text_of(message)
+        text = message_text(message)
         return text + self._eos() if message["role"] == "assistant" else f"{message['role']}: {text}\n"
 
     def _plain_pieces(self, prompt: Prompt, completion: list[dict]) -> list[Piece]:

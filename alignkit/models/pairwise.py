@@ -52,7 +52,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from alignkit.data.tokenize import Encoded, Encoder, Prompt, TokenizeConfig, collate
+from alignkit.data.tokenize import Completion, Encoded, Encoder, Prompt, TokenizeConfig, collate, message_text
 from alignkit.registry import Registry
 
 PREFERENCE_HEADS = Registry("preference head")
@@ -76,11 +76,18 @@ class PairwiseConfig:
 
 
 # ----- turning a comparison into one sequence -----
-def pair_text(prompt: Prompt, a: str, b: str) -> str:
-    """The user message holding the prompt and both answers (a chat prompt as role: content lines)."""
-    if not isinstance(prompt, str):
-        prompt = "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
-    return f"{prompt}\n[assistant_1]\n{a}\n[assistant_2]\n{b}"
+def pair_text(prompt: Prompt, a: Completion, b: Completion) -> str:
+    """The user message holding the prompt and both answers. Chat messages are written as "role: content"
+    lines (tool calls as JSON); a prompt that is one user message is its text, as in the text format."""
+    return f"{_as_text(prompt)}\n[assistant_1]\n{_as_text(a)}\n[assistant_2]\n{_as_text(b)}"
+
+
+def _as_text(value: Prompt | Completion) -> str:
+    if isinstance(value, str):
+        return value
+    if len(value) == 1 and value[0]["role"] == "user" and set(value[0]) == {"role", "content"}:
+        return value[0]["content"]
+    return "\n".join(f"{m['role']}: {message_text(m)}" for m in value)
 
 
 class PairEncoder:
@@ -96,7 +103,7 @@ class PairEncoder:
     def truncated(self) -> int:
         return self.encoder.truncated
 
-    def encode(self, prompt: Prompt, a: str, b: str) -> Encoded:
+    def encode(self, prompt: Prompt, a: Completion, b: Completion) -> Encoded:
         return self.encoder.encode(pair_text(prompt, a, b), "")
 
 
