@@ -1,9 +1,16 @@
 """Experiment trackers (`train.report_to`): every metric the run writes to metrics.jsonl, sent on.
 
-Each tracker is a class registered in `TRACKERS` with `start(run_dir, config, run_name)`,
+Each tracker is a class registered in `TRACKERS` with `start(run_dir, config, run_name, first_step, saved)`,
 `log(step, metrics)` and `finish()`; its library is imported in `start`, only when chosen. All of them
 keep to the run directory by default: TensorBoard event files, wandb offline, a local mlflow SQLite store and
 trackio's local database (each overridable with the library's own environment variables).
+
+A resumed run continues the tracker runs its first session started: `start` returns what reopens its run
+(the wandb id, the mlflow run id...), kept in RUN_DIR/trackers.json and handed back as `saved` on resume,
+and `first_step` is the first step the resumed run logs again (the checkpoint's step + 1; 0 when it starts
+over). Steps after the checkpoint that the killed session had logged are logged again: TensorBoard drops
+the old ones (purge_step); mlflow and trackio cannot, so they keep the values they hold and take the rest;
+wandb ignores steps below those it holds (online).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from alignkit.registry import Registry
 
 TRACKERS = Registry("tracker")
 NONE = "none"
+STATE_FILE = "trackers.json"   # what reopens each tracker's run when the run resumes
 
 
 def names(report_to: str) -> list[str]:
@@ -46,16 +54,20 @@ def numeric(record: dict) -> dict[str, float]:
             if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)}
 
 
-def start(report_to: str, run_dir: str | Path, config: dict, run_name: str) -> list:
-    """The chosen trackers, started on this run (all libraries checked before any starts)."""
+def start(report_to: str, run_dir: str | Path, config: dict, run_name: str, first_step: int = 0) -> list:
+    """The chosen trackers, started on this run or continuing it from `first_step` (all libraries checked
+    before any starts)."""
     chosen = names(report_to)
     check_installed(chosen)
+    path = Path(run_dir) / STATE_FILE
+    saved = json.loads(path.read_text()) if path.exists() else {}
     trackers = []
     try:
         for name in chosen:
             tracker = TRACKERS.get(name).fn()
-            tracker.start(Path(run_dir), config, run_name)
+            saved[name] = tracker.start(Path(run_dir), config, run_name, first_step, saved.get(name))
             trackers.append(tracker)
+            path.write_text(json.dumps(saved, indent=2) + "\n")
     except BaseException:
         finish(trackers)
         raise
@@ -80,6 +92,11 @@ def finish(trackers: list) -> None:
         raise errors[0]
 
 
+def _unheld(held: dict[str, int], step: int, metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics a continued tracker run does not hold yet at `step` (`held`: the last step of each)."""
+    return {k: v for k, v in metrics.items() if step > held.get(k, -1)}
+
+
 def _flat(config: dict, prefix: str = "") -> dict[str, str]:
     flat = {}
     for key, value in config.items():
@@ -93,11 +110,14 @@ def _flat(config: dict, prefix: str = "") -> dict[str, str]:
 @TRACKERS.register("tensorboard", summary="TensorBoard event files in RUN_DIR/tensorboard",
                    module="tensorboard", pip="tensorboard")
 class TensorBoardTracker:
-    def start(self, run_dir: Path, config: dict, run_name: str) -> None:
+    def start(self, run_dir: Path, config: dict, run_name: str, first_step: int, saved: dict | None) -> dict:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-        self.writer.add_text("config", "    " + json.dumps(config, indent=2).replace("\n", "\n    "))
+        # TensorBoard's reader drops the events of earlier files from purge_step on.
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=first_step)
+        if not first_step:
+            self.writer.add_text("config", "    " + json.dumps(config, indent=2).replace("\n", "\n    "))
+        return {}
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
@@ -110,12 +130,14 @@ class TensorBoardTracker:
 @TRACKERS.register("wandb", summary="Weights & Biases, offline in RUN_DIR/wandb unless WANDB_MODE is set",
                    module="wandb", pip="wandb")
 class WandbTracker:
-    def start(self, run_dir: Path, config: dict, run_name: str) -> None:
+    def start(self, run_dir: Path, config: dict, run_name: str, first_step: int, saved: dict | None) -> dict:
         import wandb
 
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "alignkit"), name=run_name, config=config,
-                              dir=os.environ.get("WANDB_DIR", str(run_dir)),
+        saved = saved or {"project": os.environ.get("WANDB_PROJECT", "alignkit")}
+        self.run = wandb.init(project=saved["project"], id=saved.get("id"), resume="allow" if "id" in saved else None,
+                              name=run_name, config=config, dir=os.environ.get("WANDB_DIR", str(run_dir)),
                               mode=os.environ.get("WANDB_MODE", "offline"), reinit="create_new")
+        return {"project": saved["project"], "id": self.run.id}
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log(metrics, step=step)
@@ -127,18 +149,36 @@ class WandbTracker:
 @TRACKERS.register("mlflow", summary="MLflow, a SQLite store RUN_DIR/mlflow.db unless MLFLOW_TRACKING_URI is set",
                    module="mlflow", pip="mlflow")
 class MlflowTracker:
-    def start(self, run_dir: Path, config: dict, run_name: str) -> None:
+    def start(self, run_dir: Path, config: dict, run_name: str, first_step: int, saved: dict | None) -> dict:
         from mlflow.tracking import MlflowClient
 
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         self.client = MlflowClient(uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
+        self.run_id, self.held = self._reopen(saved["run_id"]) if saved else (None, {})
+        if self.run_id is None:  # a new run, or the saved one is not in this store
+            self.run_id = self._create(run_dir, run_name, uri)
+            self.client.log_dict(self.run_id, config, "config.json")
+            self._params(_flat(config))
+        return {"run_id": self.run_id}
+
+    def _reopen(self, run_id: str) -> tuple[str | None, dict[str, int]]:
+        """The saved run, running again, and the last step of each metric it holds; (None, {}) if it is gone."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return None, {}
+        self.client.update_run(run_id, status="RUNNING")
+        return run_id, {key: max(m.step for m in self.client.get_metric_history(run_id, key))
+                        for key in run.data.metrics}
+
+    def _create(self, run_dir: Path, run_name: str, uri: str | None) -> str:
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "alignkit")
         experiment = self.client.get_experiment_by_name(name)
         artifacts = None if uri else (run_dir / "mlartifacts").resolve().as_uri()
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name, artifacts)
-        self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
-        self.client.log_dict(self.run_id, config, "config.json")
-        self._params(_flat(config))
+        return self.client.create_run(experiment_id, run_name=run_name).info.run_id
 
     def _params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -151,7 +191,9 @@ class MlflowTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+        fresh = _unheld(self.held, step, metrics)
+        if fresh:
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in fresh.items()])
 
     def finish(self) -> None:
         self.client.set_terminated(self.run_id)
@@ -160,14 +202,22 @@ class MlflowTracker:
 @TRACKERS.register("trackio", summary="trackio, in its local database (TRACKIO_DIR) unless a Space is configured",
                    module="trackio", pip="trackio")
 class TrackioTracker:
-    def start(self, run_dir: Path, config: dict, run_name: str) -> None:
+    def start(self, run_dir: Path, config: dict, run_name: str, first_step: int, saved: dict | None) -> dict:
         import trackio
 
-        self.run = trackio.init(project=os.environ.get("TRACKIO_PROJECT", "alignkit"), name=run_name, config=config,
-                              auto_log_cpu=False, auto_log_gpu=False)
+        project = saved["project"] if saved else os.environ.get("TRACKIO_PROJECT", "alignkit")
+        self.run = trackio.init(project=project, name=run_name, config=config, resume="allow" if saved else "never",
+                                auto_log_cpu=False, auto_log_gpu=False)
+        self.held: dict[str, int] = {}
+        for row in trackio.SQLiteStorage.get_logs(project, run_name, run_id=self.run.id) if saved else ():
+            for key in row.keys() - {"step", "timestamp"}:
+                self.held[key] = max(self.held.get(key, -1), row["step"])
+        return {"project": project}
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.run.log(metrics, step=step)
+        fresh = _unheld(self.held, step, metrics)
+        if fresh:
+            self.run.log(fresh, step=step)
 
     def finish(self) -> None:
         self.run.finish()
