@@ -1,7 +1,11 @@
-"""`alignkit serve MODEL --port N`: an OpenAI-compatible chat-completions server for any model alignkit loads.
+"""`alignkit serve MODEL --port N`: an OpenAI-compatible chat and text completions server for any alignkit model.
 
-Standard library only (http.server). Requests are answered by one `LocalBackend`, one at a time,
-so a served model renders prompts and generates exactly as `LocalBackend` does in process.
+Standard library HTTP (http.server, one thread per connection). A request thread checks the request
+(body size, fields, prompt length: alignkit.serve_api) and tokenises it before anything waits on the
+model; the job then goes to a bounded queue, and one generation thread (alignkit.serve_batch)
+answers what is queued in batches through the rollout engine. A full queue answers 503 with
+Retry-After; connections idle or stalled for `timeout_s` are closed; with an API key, every request
+must carry it. docs/serving.md says what is guaranteed.
 
     from alignkit.serve import serving
     with serving(model, tokenizer) as base_url:      # port 0: a free port
@@ -10,48 +14,48 @@ so a served model renders prompts and generates exactly as `LocalBackend` does i
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import os
+import secrets
 import signal
 import socket
 import sys
 import threading
 import time
 import traceback
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from alignkit.data.tokenize import TokenizeConfig
+from alignkit.data.tokenize import CHARS_PER_TOKEN, Encoder, TokenizeConfig
 from alignkit.judges.backends import Generation, LocalBackend
+from alignkit.rollout.base import prompt_seeds
+from alignkit.serve_api import ENDPOINTS, ApiRequest, BadRequest, error_body, events, parse, response
+from alignkit.serve_batch import GenerationFailed, GenerationWorker, Job, QueueFull, Stopped
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 16 * 2**20
-MAX_TOP_LOGPROBS = 20
+DISCARD_LIMIT = 64 * 2**20    # an oversized body up to this is read and dropped, so its client gets the 413
+RETRY_AFTER_S = 1
+FAILURES = {   # what a job that did not run answers
+    QueueFull: (503, "server_busy"),
+    Stopped: (503, "server_busy"),
+    GenerationFailed: (500, "server_error"),
+}
 
 
-class BadRequest(ValueError):
-    def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.kind = status, kind
-
-
-@dataclass
-class ChatRequest:
-    messages: list[dict]
-    max_tokens: int
-    temperature: float
-    logprobs: bool      # return the chosen tokens' logprobs
-    top_logprobs: int   # and this many alternatives per token
-    seed: int | None
+def body_limit(max_prompt_length: int) -> int:
+    """The largest request body: 1 MiB, plus room for the longest prompt text the token limit could admit
+    written with JSON's longest escapes (12 bytes a character)."""
+    return 2**20 + 12 * CHARS_PER_TOKEN * max_prompt_length
 
 
 @dataclass
 class Counters:
-    """Chat requests received, in flight now, and the most ever in flight at once."""
+    """Completion requests received, in flight now, and the most ever in flight at once."""
 
     requests: int = 0
     in_flight: int = 0
@@ -73,18 +77,33 @@ class Counters:
 
 
 class ChatServer(ThreadingHTTPServer):
-    """Serves one model; generation is serialised by `generate_lock`."""
+    """Serves one model. Prompts are rendered as `backend` renders them (its template and prompt limit),
+    and generated in batches of up to `backend.batch_size` rows by one `GenerationWorker`."""
 
     daemon_threads = True
 
     def __init__(self, address, backend: LocalBackend, model_name: str, *, max_tokens_limit: int = 1024,
-                 verbose: bool = False):
-        self.backend, self.model_name = backend, model_name
-        self.max_tokens_limit, self.verbose = max_tokens_limit, verbose
-        self.generate_lock = threading.Lock()
+                 queue_size: int = 64, timeout_s: float = 30.0, api_key: str | None = None, verbose: bool = False):
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        self.backend, self.model_name, self.verbose = backend, model_name, verbose
+        self.max_tokens_limit, self.timeout_s, self.api_key = max_tokens_limit, timeout_s, api_key
+        cfg = backend.encoder.cfg
+        self.max_prompt_length, self.max_body_bytes = cfg.max_prompt_length, body_limit(cfg.max_prompt_length)
+        # one token over the limit is kept, so a prompt over it can be told from one at it
+        self.encoders = {template: Encoder(backend.tokenizer, prompt_limit(cfg.max_prompt_length + 1, template))
+                         for template in (cfg.template, "plain")}
+        self.chat_template = cfg.template
+        self.vocab_size = backend.model.get_input_embeddings().num_embeddings
         self.counters = Counters()
         self.created = int(time.time())
-        super().__init__(address, ChatHandler)
+        self.worker = GenerationWorker(backend.model, backend.tokenizer, max_batch=backend.batch_size,
+                                       queue_size=queue_size)
+        try:
+            super().__init__(address, ChatHandler)
+        except BaseException:
+            self.worker.stop()
+            raise
 
     @property
     def base_url(self) -> str:
@@ -92,24 +111,55 @@ class ChatServer(ThreadingHTTPServer):
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}/v1"
 
-    def complete(self, request: ChatRequest) -> Generation:
-        with self.generate_lock:
-            self._check_prompt_length(request.messages)
-            top_logprobs = max(request.top_logprobs, 1) if request.logprobs else 0
-            return self.backend.generate([request.messages], max_tokens=request.max_tokens,
-                                         temperature=request.temperature, top_logprobs=top_logprobs,
-                                         seed=request.seed)[0]
+    def job_for(self, request: ApiRequest) -> Job:
+        """Tokenise and check the prompts (on the request's own thread); one row per choice."""
+        prompts = [self._prompt_ids(prompt) for prompt in request.prompts]
+        rows = [prompt for prompt in prompts for _ in range(request.n)]
+        seed = request.seed if request.seed is not None else secrets.randbits(64)
+        top_logprobs = 0 if request.top_logprobs is None else max(request.top_logprobs, 1)
+        return Job(rows, prompt_seeds(seed, len(rows)), request.sampling, top_logprobs)
 
-    def _check_prompt_length(self, messages: list[dict]) -> None:
-        encoder = self.backend.encoder
-        before = encoder.truncated
+    def complete(self, job: Job) -> list[Generation]:
+        """Queue the job and wait for its answers, one per row."""
         try:
-            encoder.encode(messages)
+            self.worker.submit(job)
+        except (QueueFull, Stopped) as err:
+            raise _failure(err) from None
+        job.done.wait()
+        if job.error is not None:
+            raise _failure(job.error)
+        return job.answers
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        limit = self.max_prompt_length
+        too_long = BadRequest(f"the prompt is longer than this server's limit of {limit} tokens "
+                              "(alignkit serve --max-prompt-length)")
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):   # token ids
+            if len(prompt) > limit:
+                raise too_long
+            if not all(0 <= t < self.vocab_size for t in prompt):
+                raise BadRequest(f"token ids must be from 0 to {self.vocab_size - 1}")
+            return prompt
+        if _characters(prompt) > CHARS_PER_TOKEN * limit:   # more than the limit could hold: not tokenised
+            raise too_long
+        encoder = self.encoders["plain" if isinstance(prompt, str) else self.chat_template]
+        try:
+            ids = encoder.encode(prompt).prompt
         except Exception as err:  # a template that rejects these messages
-            raise BadRequest(f"could not render the messages: {type(err).__name__}: {err}") from None
-        if encoder.truncated > before:
-            raise BadRequest(f"the prompt is longer than this server's limit of {encoder.cfg.max_prompt_length} "
-                             "tokens (alignkit serve --max-prompt-length)")
+            raise BadRequest(f"could not render the prompt: {type(err).__name__}: {err}") from None
+        if len(ids) > limit:
+            raise too_long
+        if not ids:
+            raise BadRequest("the prompt has no tokens")
+        return ids
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.worker.stop()
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):   # a client that went away is no error of ours
+            super().handle_error(request, client_address)
 
 
 class ChatServerIPv6(ChatServer):
@@ -121,71 +171,126 @@ class ChatHandler(BaseHTTPRequestHandler):
     server_version = "alignkit-serve"
     server: ChatServer
 
+    def setup(self) -> None:
+        self.timeout = self.server.timeout_s   # bounds every read and write on this connection
+        super().setup()
+
     def do_GET(self) -> None:
-        path = self.path.split("?")[0].rstrip("/")
-        if path == "/health":
-            self._send(200, {"status": "ok", "model": self.server.model_name})
-        elif path in ("/v1/models", "/models"):
-            self._send(200, {"object": "list", "data": [self._model_card()]})
-        else:
-            self._error(BadRequest(f"no such endpoint: GET {self.path}", 404, "not_found_error"))
+        route = GET_ROUTES.get(_path(self.path))
+        if not self._authorised():
+            return self._error(BadRequest("a valid API key is required", 401, "authentication_error",
+                                          {"WWW-Authenticate": "Bearer"}))
+        if route is None:
+            return self._error(BadRequest(f"no such endpoint: GET {self.path}", 404, "not_found_error"))
+        self._send(200, route(self.server))
 
     def do_POST(self) -> None:
-        if self.path.split("?")[0].rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
+        endpoint = ENDPOINTS.get(_path(self.path))
+        if not self._authorised():
+            self._discard_body()
+            return self._error(BadRequest("a valid API key is required", 401, "authentication_error",
+                                          {"WWW-Authenticate": "Bearer"}))
+        if endpoint is None:
             self._discard_body()
             return self._error(BadRequest(f"no such endpoint: POST {self.path}", 404, "not_found_error"))
         with self.server.counters.track():
             try:
-                request = parse_chat_request(self._read_json(), self.server.max_tokens_limit)
-                generation = self.server.complete(request)
+                request = parse(endpoint, self._read_json(), self.server.max_tokens_limit)
+                answers = self.server.complete(self.server.job_for(request))
             except BadRequest as err:
                 return self._error(err)
             except Exception as err:
                 traceback.print_exc(file=sys.stderr)
                 return self._error(BadRequest(f"internal error: {type(err).__name__}: {err}", 500, "server_error"))
-            if generation.error is not None:
-                print(f"alignkit serve: {generation.error}", file=sys.stderr, flush=True)
-                return self._error(BadRequest(generation.error, 500, "server_error"))
-            self._send(200, completion_response(generation, request, self.server.model_name))
+            if request.stream:
+                self._send_bytes(200, events(request, answers, self.server.model_name), "text/event-stream")
+            else:
+                self._send(200, response(request, answers, self.server.model_name))
 
-    def _model_card(self) -> dict:
-        return {"id": self.server.model_name, "object": "model", "created": self.server.created,
-                "owned_by": "alignkit"}
+    def _not_allowed(self) -> None:
+        self._discard_body()
+        self._error(BadRequest(f"method {self.command} is not allowed", 405, "invalid_request_error",
+                               {"Allow": "GET, POST"}))
+
+    do_PUT = do_PATCH = do_DELETE = _not_allowed
+
+    def _authorised(self) -> bool:
+        key = self.server.api_key
+        given = self.headers.get("Authorization", "")
+        return key is None or hmac.compare_digest(given.encode(), f"Bearer {key}".encode())
 
     def _read_json(self) -> dict:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        size = self._content_length()
+        if size is None:
             self.close_connection = True
             raise BadRequest("a Content-Length header is required", 411)
-        if int(length) > MAX_BODY_BYTES:
-            self.close_connection = True
-            raise BadRequest(f"request body over {MAX_BODY_BYTES} bytes", 413)
+        if size > self.server.max_body_bytes:
+            self._discard(size)
+            raise BadRequest(f"request body over {self.server.max_body_bytes} bytes", 413)
+        raw = self._read(size)
         try:
-            body = json.loads(self.rfile.read(int(length)))
+            body = json.loads(raw)
+        except RecursionError:
+            raise BadRequest("the request body is nested too deeply") from None
         except ValueError as err:
             raise BadRequest(f"the request body is not valid JSON: {err}") from None
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
         return body
 
-    def _discard_body(self) -> None:
+    def _content_length(self) -> int | None:
         length = self.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) <= MAX_BODY_BYTES:
-            self.rfile.read(int(length))
-        else:
+        return int(length) if length.isascii() and length.isdigit() else None
+
+    def _read(self, size: int) -> bytes:
+        try:
+            raw = self.rfile.read(size)
+        except TimeoutError:
             self.close_connection = True
+            raise BadRequest(f"the request body did not arrive within {self.server.timeout_s} s", 408) from None
+        if len(raw) < size:
+            self.close_connection = True
+            raise BadRequest("the request body is shorter than its Content-Length")
+        return raw
+
+    def _discard_body(self) -> None:
+        size = self._content_length()
+        if size is None:
+            self.close_connection = self.close_connection or "Transfer-Encoding" in self.headers
+        else:
+            self._discard(size)
+
+    def _discard(self, size: int) -> None:
+        """Read and drop a body (up to DISCARD_LIMIT; past that the connection is closed instead)."""
+        if size > DISCARD_LIMIT:
+            self.close_connection = True
+            return
+        try:
+            while size > 0 and (chunk := self.rfile.read(min(size, 2**16))):
+                size -= len(chunk)
+        except TimeoutError:
+            pass
+        self.close_connection = self.close_connection or size > 0
 
     def _error(self, err: BadRequest) -> None:
         with self.server.counters.lock:
             self.server.counters.errors += 1
-        self._send(err.status, {"error": {"message": str(err), "type": err.kind, "param": None, "code": None}})
+        if err.status >= 500:
+            print(f"alignkit serve: {err}", file=sys.stderr, flush=True)
+        self._send(err.status, error_body(err), err.headers)
 
-    def _send(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
+    def _send(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
+        self._send_bytes(status, json.dumps(payload).encode(), "application/json", headers)
+
+    def _send_bytes(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
         try:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):
@@ -196,105 +301,49 @@ class ChatHandler(BaseHTTPRequestHandler):
             super().log_message(format, *args)
 
     def log_error(self, format: str, *args) -> None:
+        if format.startswith("Request timed out") and not self.server.verbose:
+            return   # an idle keep-alive connection being closed is routine
         sys.stderr.write(f"alignkit serve: {self.address_string()}: {format % args}\n")
 
 
-def parse_chat_request(body: dict, max_tokens_limit: int) -> ChatRequest:
-    """Validate a chat-completions body; unknown fields are ignored (see docs/serving.md)."""
-    _check(not body.get("stream"), "streaming is not supported; send stream=false")
-    _check(body.get("n", 1) in (1, None), "only n=1 is supported")
-    seed = body.get("seed")
-    _check(seed is None or _is_int(seed), "seed must be an integer")
-    logprobs = bool(body.get("logprobs", False))
-    return ChatRequest(parse_messages(body.get("messages")), _max_tokens(body, max_tokens_limit),
-                       _temperature(body), logprobs, _top_logprobs(body) if logprobs else 0, seed)
+GET_ROUTES = {
+    "/health": lambda server: {"status": "ok", "model": server.model_name, "queued": len(server.worker.queue),
+                               "generating": server.worker.stats.generating},
+    "/v1/models": lambda server: {"object": "list", "data": [_model_card(server)]},
+    "/models": lambda server: {"object": "list", "data": [_model_card(server)]},
+}
 
 
-def _max_tokens(body: dict, limit: int) -> int:
-    value = body.get("max_completion_tokens", body.get("max_tokens"))
-    value = min(256, limit) if value is None else value
-    _check(_is_int(value) and 1 <= value <= limit,
-           f"max_tokens must be an integer from 1 to {limit} (this server's limit)")
-    return value
+def _model_card(server: ChatServer) -> dict:
+    return {"id": server.model_name, "object": "model", "created": server.created, "owned_by": "alignkit"}
 
 
-def _temperature(body: dict) -> float:
-    value = body.get("temperature")
-    value = 1.0 if value is None else value
-    _check(isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 2,
-           "temperature must be a number from 0 to 2")
-    return float(value)
+def _path(raw: str) -> str:
+    return raw.split("?")[0].rstrip("/")
 
 
-def _top_logprobs(body: dict) -> int:
-    value = body.get("top_logprobs") or 0
-    _check(_is_int(value) and 0 <= value <= MAX_TOP_LOGPROBS,
-           f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}")
-    return value
+def _characters(prompt) -> int:
+    return len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
 
 
-def parse_messages(messages) -> list[dict]:
-    _check(isinstance(messages, list) and messages, "messages must be a non-empty list")
-    parsed = []
-    for i, message in enumerate(messages):
-        _check(isinstance(message, dict) and isinstance(message.get("role"), str),
-               f"messages[{i}] must be an object with a string role")
-        parsed.append({"role": message["role"], "content": _text(message.get("content"), i)})
-    return parsed
-
-
-def _text(content, i: int) -> str:
-    """Message content as a string; a list of text parts is joined."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return "".join(str(p.get("text", "")) for p in content)
-    raise BadRequest(f"messages[{i}].content must be a string or a list of text parts")
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise BadRequest(message)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def completion_response(generation: Generation, request: ChatRequest, model_name: str) -> dict:
-    choice = {"index": 0, "message": {"role": "assistant", "content": generation.text},
-              "finish_reason": generation.finish_reason or "stop", "logprobs": None}
-    if request.logprobs and generation.tokens is not None:
-        choice["logprobs"] = {"content": _logprobs_content(generation, request.top_logprobs)}
-    usage = {"prompt_tokens": generation.prompt_tokens, "completion_tokens": generation.completion_tokens,
-             "total_tokens": generation.prompt_tokens + generation.completion_tokens}
-    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": model_name, "choices": [choice], "usage": usage}
-
-
-def _logprobs_content(generation: Generation, k: int) -> list[dict]:
-    content = []
-    for token, step in zip(generation.tokens, generation.top_logprobs or [], strict=False):
-        ranked = sorted(step.items(), key=lambda item: -item[1])[:k]
-        content.append({**_token_entry(token, step[token]),
-                        "top_logprobs": [_token_entry(text, logprob) for text, logprob in ranked]})
-    return content
-
-
-def _token_entry(token: str, logprob: float) -> dict:
-    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+def _failure(err: Exception) -> BadRequest:
+    status, kind = FAILURES[type(err)]
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return BadRequest(f"{err}; retry later" if status == 503 else str(err), status, kind, headers)
 
 
 # ---------------------------------------------------------------- Python API
 
 
 def make_server(model, tokenizer, host: str = "127.0.0.1", port: int = 0, model_name: str = "default", *,
-                max_tokens_limit: int = 1024, tokenize: TokenizeConfig | None = None,
+                max_tokens_limit: int = 1024, tokenize: TokenizeConfig | None = None, max_batch_size: int = 16,
+                queue_size: int = 64, timeout_s: float = 30.0, api_key: str | None = None,
                 verbose: bool = False) -> ChatServer:
     """A server bound to (host, port) and not yet serving; port 0 picks a free port."""
-    backend = LocalBackend(model, tokenizer, batch_size=1, tokenize=tokenize or prompt_limit(2048))
+    backend = LocalBackend(model, tokenizer, batch_size=max_batch_size, tokenize=tokenize or prompt_limit(2048))
     server_class = ChatServerIPv6 if ":" in host else ChatServer
-    return server_class((host, port), backend, model_name, max_tokens_limit=max_tokens_limit, verbose=verbose)
+    return server_class((host, port), backend, model_name, max_tokens_limit=max_tokens_limit, queue_size=queue_size,
+                        timeout_s=timeout_s, api_key=api_key, verbose=verbose)
 
 
 def prompt_limit(max_prompt_length: int, template: str = "auto") -> TokenizeConfig:
@@ -331,6 +380,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model-name", help="the model id clients see (default: MODEL)")
     parser.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
     parser.add_argument("--max-prompt-length", type=int, default=2048, help="longer prompts are refused (400)")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="most choices generated in one batch")
+    parser.add_argument("--queue-size", type=int, default=64, help="requests that may wait; more get 503")
+    parser.add_argument("--timeout", type=float, default=30.0,
+                        help="seconds a connection may sit idle or stall in a read or write before it is closed")
+    parser.add_argument("--api-key", default=os.environ.get("ALIGNKIT_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on every request (default: $ALIGNKIT_API_KEY)")
     parser.add_argument("--template", default="auto", choices=["auto", "chat", "plain"],
                         help="prompt rendering, as in training (data.tokenize.template)")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")
@@ -353,7 +408,12 @@ def run(args) -> int:
     try:
         server = make_server(model, tokenizer, args.host, args.port, args.model_name or args.model,
                              max_tokens_limit=args.max_tokens_limit,
-                             tokenize=prompt_limit(args.max_prompt_length, args.template), verbose=args.verbose)
+                             tokenize=prompt_limit(args.max_prompt_length, args.template),
+                             max_batch_size=args.max_batch_size, queue_size=args.queue_size, timeout_s=args.timeout,
+                             api_key=args.api_key or None, verbose=args.verbose)
+    except ValueError as err:
+        print(f"alignkit serve: {err}", file=sys.stderr)
+        return 2
     except OSError as err:
         print(f"alignkit serve: cannot listen on {args.host}:{args.port}: {err}", file=sys.stderr)
         return 2

@@ -136,17 +136,19 @@ class LocalBackend:
             finish_reason="length" if stop is None else "stop",
         )
         if ranked is not None:
-            generation.top_logprobs = self._top_logprobs(kept, *(t[row].tolist() for t in ranked))
+            generation.top_logprobs = ranked_tokens(self.tokenizer, kept, *(t[row].tolist() for t in ranked))
         return generation
 
-    def _top_logprobs(self, kept, chosen_logprobs, top_values, top_ids) -> list[dict[str, float]]:
-        steps = []
-        for token, logprob, values, ids in zip(kept, chosen_logprobs, top_values, top_ids, strict=False):
-            entry = {self.tokenizer.decode([token]): logprob}
-            for value, index in zip(values, ids, strict=True):
-                entry.setdefault(self.tokenizer.decode([index]), value)
-            steps.append(entry)
-        return steps
+
+def ranked_tokens(tokenizer, kept, chosen_logprobs, top_values, top_ids) -> list[dict[str, float]]:
+    """Per token of `kept`: {text: logprob} of the token itself, then of the top-k alternatives."""
+    steps = []
+    for token, logprob, values, ids in zip(kept, chosen_logprobs, top_values, top_ids, strict=False):
+        entry = {tokenizer.decode([token]): logprob}
+        for value, index in zip(values, ids, strict=True):
+            entry.setdefault(tokenizer.decode([index]), value)
+        steps.append(entry)
+    return steps
 
 
 def rank_steps(step_logits, new_ids, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
