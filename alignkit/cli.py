@@ -161,7 +161,7 @@ def cmd_best_of_n(args) -> int:
     return 0
 
 
-@COMMANDS.register("serve", summary="serve a model over an OpenAI-compatible chat-completions API",
+@COMMANDS.register("serve", summary="serve a model over an OpenAI-compatible chat and text completions API",
                    arguments="alignkit.serve:add_arguments")
 def cmd_serve(args) -> int:
     from alignkit.serve import run

@@ -323,7 +323,7 @@ def _path(raw: str) -> str:
 
 
 def _characters(prompt) -> int:
-    return len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+    return len(prompt) if isinstance(prompt, str) else sum(len(m["role"]) + len(m["content"]) for m in prompt)
 
 
 def _failure(err: Exception) -> BadRequest:
@@ -384,8 +384,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--queue-size", type=int, default=64, help="requests that may wait; more get 503")
     parser.add_argument("--timeout", type=float, default=30.0,
                         help="seconds a connection may sit idle or stall in a read or write before it is closed")
-    parser.add_argument("--api-key", default=os.environ.get("ALIGNKIT_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' on every request (default: $ALIGNKIT_API_KEY)")
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request "
+                        "(default: $ALIGNKIT_API_KEY, which, unlike this option, other users cannot read in ps)")
     parser.add_argument("--template", default="auto", choices=["auto", "chat", "plain"],
                         help="prompt rendering, as in training (data.tokenize.template)")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")
@@ -410,7 +410,7 @@ def run(args) -> int:
                              max_tokens_limit=args.max_tokens_limit,
                              tokenize=prompt_limit(args.max_prompt_length, args.template),
                              max_batch_size=args.max_batch_size, queue_size=args.queue_size, timeout_s=args.timeout,
-                             api_key=args.api_key or None, verbose=args.verbose)
+                             api_key=args.api_key or os.environ.get("ALIGNKIT_API_KEY") or None, verbose=args.verbose)
     except ValueError as err:
         print(f"alignkit serve: {err}", file=sys.stderr)
         return 2

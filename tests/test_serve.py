@@ -265,6 +265,7 @@ BAD_BODIES = [   # (body, status): every one a client's mistake, so a 4xx
     (json.dumps({"messages": HI, "logprobs": True, "top_logprobs": 21}), 400),
     (json.dumps({"messages": HI, "presence_penalty": 0.5}), 400),
     (json.dumps({"messages": [{"role": "user", "content": "x" * 3000}]}), 400),
+    (json.dumps({"messages": [{"role": "r" * 100_000, "content": "hi"}]}), 400),
     ("x" * 2_000_000, 413),
 ]
 
