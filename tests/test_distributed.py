@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from dist_workers.train_worker import ANY_BATCH, CASES, LOOSE, ONLINE, run_cases
+from dist_workers.train_worker import ANY_BATCH, CASES, LOOSE, ONLINE, UNTRAINED, run_cases
 from safetensors.torch import load_file
 from torchrun import ROOT, torchrun, torchrun_command, worker_env
 
@@ -45,7 +45,7 @@ def one_process(tmp_path_factory) -> Path:
     return out
 
 
-SAME_BATCH = [c for c in CASES if c not in ANY_BATCH]
+SAME_BATCH = [c for c in CASES if c not in ANY_BATCH | UNTRAINED]
 
 
 @pytest.mark.parametrize("case", SAME_BATCH)
@@ -83,6 +83,15 @@ def test_two_ranks_sample_the_completions_of_one_process(two_ranks, one_process,
     theirs = [t for r in (0, 1) for t in json.loads((two_ranks / f"{case}.tokens.rank-{r}.json").read_text())]
     assert len(ours) == len(theirs) > 0
     assert ours == theirs
+
+
+def test_the_policy_judges_itself_in_lockstep_at_two_ranks(two_ranks, one_process):
+    def rounds(root):
+        rows = [json.loads(line) for line in (root / "runs" / "self-rewarding-lm" / "metrics.jsonl").read_text()
+                .splitlines()]
+        return [(r["train/reward/items"], r["train/comparisons"]) for r in rows if "train/comparisons" in r]
+
+    assert rounds(two_ranks) == rounds(one_process) == [(16, 0), (16, 0)]
 
 
 # ----- a rank killed mid-run: the job ends, and --resume continues at the same or another world size -----

@@ -36,13 +36,18 @@ OFFLINE = {  # name -> (command, loss, extra train.* options)
     "pairwise": ("pairwise-rm", {}, {}),
 }
 ONLINE = {"grpo": {}, "ppo": {}, "grpo-rm": {}, "dapo": {"overlong_buffer": 0}}   # grpo-rm: a sharded reward model
-SELF_IMPROVING = {"iterative-dpo": {"steps_per_round": 2}, "nash-md": {}, "cream": {"steps_per_round": 2}}
+SELF_IMPROVING = {"iterative-dpo": {"steps_per_round": 2}, "nash-md": {}, "cream": {"steps_per_round": 2},
+                  "rso": {"steps_per_round": 2, "rule_options": {"beta": 100.0}}, "spin": {"steps_per_round": 2},
+                  "inpo": {"steps_per_round": 2}, "self-rewarding-lm": {"steps_per_round": 1}}
+UNTRAINED = {"self-rewarding-lm"}   # a tiny model cannot judge yet: every round has no comparisons
 ANY_BATCH = {"dapo"}   # dynamic sampling rounds prompts up to a multiple of the world size: other batches
 CASES = (*OFFLINE, *ONLINE, *SELF_IMPROVING)
 # The whole gradient within this relative distance of one process's, by norm, instead of element by element:
 # bf16 (FSDP2 casts whole layers, one process autocasts per op); rewards a sharded model computes, whose
 # float32 rounding the group normalisation of GRPO magnifies.
-LOOSE = {"dpo-bf16": 0.03, "grpo-rm": 1e-4}
+# INPO: its target 1/(2 eta) = 67 makes gradients of norm ~3e3, where float32 rounding passes the absolute tolerance
+# (measured: 1.1e-7 of the norm apart).
+LOOSE = {"dpo-bf16": 0.03, "grpo-rm": 1e-4, "inpo": 1e-6}
 
 
 def _train_options(micro: int | None) -> dict:
@@ -77,7 +82,8 @@ def run_online(name: str, out: Path, micro: int | None):
                        "rl": {"prompts_per_step": 4, "group_size": 2 if name == "ppo" else 4, **ONLINE.get(name, {})}})
     reward = (RewardModel(tiny_reward_model(tiny_model_and_tokenizer(seed=5)[0]), tokenizer) if name == "grpo-rm"
               else RuleReward(lambda prompt, completion, reference: float(len(completion))))  # varies from the start
-    path = run_rl(cfg, model=model, tokenizer=tokenizer, reward=reward).run.path
+    sources = {} if name in ("spin", "self-rewarding-lm") else {"reward": reward}   # no reward, or its own judge
+    path = run_rl(cfg, model=model, tokenizer=tokenizer, **sources).run.path
     if distributed.active() and isinstance(reward, RewardModel):
         assert distributed.is_sharded(reward.model), "the reward model is sharded like the policy"
     return path
