@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignkit.config import build
 from alignkit.models.tiny import tiny_model, tiny_tokenizer
 from alignkit.rewards.base import RewardComparison
 from alignkit.rewards.rules import RuleReward
@@ -21,7 +20,6 @@ from alignkit.sources import build_source
 from alignkit.train.checkpoint import latest_checkpoint
 from alignkit.train.experience import PhaseTimer
 from alignkit.train.loop import NonFiniteError
-from alignkit.train.recipes import RunConfig, train
 from alignkit.train.rl import RECIPES, config_from, run_rl, split_options
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -30,13 +28,8 @@ ARITHMETIC = {"task": "arithmetic", "task_options": {"max_operand": 9}, "task_si
 
 
 @pytest.fixture(scope="module")
-def sft_model(tmp_path_factory):
-    """A tiny model after one SFT epoch on single-digit sums: about 0.2 held-out greedy accuracy."""
-    model, tokenizer = tiny_model(), tiny_tokenizer()
-    cfg = build(RunConfig, {"data": {**ARITHMETIC, "task_size": 2000, "eval_size": 50},
-                            "train": {"epochs": 1, "lr": 3e-3, "batch_size": 32, "progress": False},
-                            "output_dir": str(tmp_path_factory.mktemp("sft"))})
-    return train(cfg, "sft", model=model, tokenizer=tokenizer).model, tokenizer
+def sft_model(arithmetic_sft):
+    return arithmetic_sft
 
 
 def rl_config(tmp_path, recipe: str, rl: dict | None = None, **sections):

@@ -38,7 +38,9 @@ OFFLINE = {  # name -> (command, loss, extra train.* options)
 ONLINE = {"grpo": {}, "ppo": {}, "grpo-rm": {}, "dapo": {"overlong_buffer": 0}}   # grpo-rm: a sharded reward model
 SELF_IMPROVING = {"iterative-dpo": {"steps_per_round": 2}, "nash-md": {}, "cream": {"steps_per_round": 2},
                   "rso": {"steps_per_round": 2, "rule_options": {"beta": 100.0}}, "spin": {"steps_per_round": 2},
-                  "inpo": {"steps_per_round": 2}, "self-rewarding-lm": {"steps_per_round": 1}}
+                  "inpo": {"steps_per_round": 2}, "self-rewarding-lm": {"steps_per_round": 1},
+                  "online-dpo": {}, "sppo": {"steps_per_round": 2}, "dno": {"steps_per_round": 2},
+                  "raft": {"steps_per_round": 2}, "rest": {"steps_per_round": 2, "rule_options": {"threshold": 2}}}
 UNTRAINED = {"self-rewarding-lm"}   # a tiny model cannot judge yet: every round has no comparisons
 ANY_BATCH = {"dapo"}   # dynamic sampling rounds prompts up to a multiple of the world size: other batches
 CASES = (*OFFLINE, *ONLINE, *SELF_IMPROVING)
