@@ -172,3 +172,31 @@ def test_best_of_n_writes_each_prompts_best_completion_and_its_scores(tmp_path, 
     assert main([*args, f"reward=rule:{rewards}:broken"]) == 0
     assert all(row["failed"] for row in map(json.loads, out.read_text().splitlines()))
     assert "failed" in capsys.readouterr().out
+
+
+def test_nash_md_judges_each_sample_against_its_mixture_alternative(tmp_path):
+    judge = RewardComparison(RuleReward(length))
+    result = run_rl(loop_config(tmp_path, "nash-md", steps=1), model=tiny_model(), tokenizer=tiny_tokenizer(),
+                    judge=judge)
+    round_row = next(r for r in rows(result.run.path) if "train/comparisons" in r)
+    # 4 prompts x 2 samples, each compared once with its own mixture sample (Bradley-Terry scores both)
+    assert round_row["train/judge/items"] == 2 * 4 * 2 and round_row["train/comparisons"] == 4 * 2
+
+
+def test_an_http_judge_ranks_a_round_and_its_cache_hits_are_logged(tmp_path):
+    from alignkit.judges.backends import HTTPBackend
+    from alignkit.judges.generative import GenerativeJudge
+    from alignkit.serve import serving
+
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    with serving(tiny_model(), tiny_tokenizer()) as url:
+        backend = HTTPBackend(url, timeout_s=30, retries=0, max_concurrency=2)
+        judge = GenerativeJudge(backend, max_tokens=8, on_unparsable="abstain", swap=False)
+        cfg = loop_config(tmp_path, "iterative-dpo", steps=2, comparisons={"steps_per_round": 1},
+                          group_size=2, max_failure_rate=1.0)
+        cfg.rollout.temperature, cfg.data.task_size, cfg.train.lr = 0.0, 4, 1e-12   # round 2 asks round 1's pairs
+        result = run_rl(cfg, model=model, tokenizer=tokenizer, judge=judge)
+    rounds = [r for r in rows(result.run.path) if "train/comparisons" in r]
+    assert [r["train/judge/items"] for r in rounds] == [4, 4]
+    assert rounds[0]["train/judge/cache_hits"] == 0
+    assert rounds[-1]["train/judge/cache_hits"] == backend.cache_hits == 4
