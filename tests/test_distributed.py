@@ -2,8 +2,9 @@
 
 The two ranks run every trainer with micro-batches of 1; this process runs them with whole batches, so
 each comparison covers world size and micro-batching at once. Tolerances are float32 reduction-order
-noise: gradients to 1e-5 relative; weights after two AdamW steps of lr 1e-3 to 1e-4 absolute (Adam's
-m / sqrt(v) turns reduction-order noise in a near-zero gradient into up to a whole step).
+noise: gradients to 1e-5 relative; weights after two AdamW steps to a tenth of a step, 1e-4 offline (lr 1e-3)
+and 1e-3 online (lr 1e-2) absolute (Adam's m / sqrt(v) turns reduction-order noise in a near-zero gradient into
+up to a whole step: PPO's measured 1.8e-4).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from dist_workers.train_worker import ANY_BATCH, CASES, LOOSE, ONLINE, UNTRAINED, run_cases
+from dist_workers.train_worker import ANY_BATCH, CASES, LOOSE, ONLINE, SELF_IMPROVING, UNTRAINED, run_cases
 from safetensors.torch import load_file
 from torchrun import ROOT, torchrun, torchrun_command, worker_env
 
@@ -65,8 +66,9 @@ def test_two_ranks_compute_the_gradient_of_one_process(two_ranks, one_process, c
 def test_two_ranks_end_with_the_weights_of_one_process(two_ranks, one_process, case):
     ours, theirs = (_weights(d / "runs" / case) for d in (one_process, two_ranks))
     assert ours.keys() == theirs.keys()
+    atol = 1e-3 if case in ONLINE or case in SELF_IMPROVING else 1e-4   # a tenth of a step at their lr of 1e-2
     for name, weight in ours.items():
-        torch.testing.assert_close(theirs[name], weight, rtol=0, atol=1e-4, msg=name)
+        torch.testing.assert_close(theirs[name], weight, rtol=0, atol=atol, msg=name)
 
 
 def test_dynamic_sampling_gives_every_rank_an_equal_share(two_ranks):
