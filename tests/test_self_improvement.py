@@ -200,3 +200,11 @@ def test_an_http_judge_ranks_a_round_and_its_cache_hits_are_logged(tmp_path):
     assert [r["train/judge/items"] for r in rounds] == [4, 4]
     assert rounds[0]["train/judge/cache_hits"] == 0
     assert rounds[-1]["train/judge/cache_hits"] == backend.cache_hits == 4
+
+
+def test_cream_logs_the_consistency_of_its_rankings(tmp_path):
+    cfg = loop_config(tmp_path, "cream", steps=2, comparisons={"steps_per_round": 1})
+    result = run_rl(cfg, model=tiny_model(), tokenizer=tiny_tokenizer())
+    rounds = [r for r in rows(result.run.path) if "train/comparisons" in r]
+    assert rounds[0]["train/comparison/consistency"] == 1.0   # no previous ranking in the first round
+    assert 0 <= rounds[1]["train/comparison/consistency"] <= 1

@@ -175,7 +175,7 @@ class ComparisonMethod(OnlineMethod):
         return {**scored, "round": self.round, "comparisons": len(self.items),
                 "prompts_without_comparisons": self.round_prompts - kept["prompts_with_comparisons"],
                 "comparison/gap_mean": _mean([item.gap for item in self.items]),
-                **self._cache_hits()}
+                **self._consistency(groups), **self._cache_hits()}
 
     def _build(self, group: JudgedGroup, rng: random.Random) -> list[Comparison]:
         items = PAIR_RULES.call(self.comparisons.rule, group, rng, **self.comparisons.rule_options)
@@ -300,6 +300,12 @@ class ComparisonMethod(OnlineMethod):
         if self.rule.meta["needs"] == "reference" or self.comparisons.ranking == "implicit":
             return None
         return ("judge", self.judge) if self.judge is not None else ("reward", self.reward)
+
+    def _consistency(self, groups: list[JudgedGroup]) -> dict:
+        """CREAM: the mean ranking consistency C of the round's groups (1 when there is no previous ranking)."""
+        if self.comparisons.consistency == "none":
+            return {}
+        return {"comparison/consistency": _mean(_everyone([group.consistency for group in groups]))}
 
     def _cache_hits(self) -> dict:
         source = self.judge if self.judge is not None else self.reward
