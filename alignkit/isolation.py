@@ -1,8 +1,10 @@
 """Call a user's function (a reward rule) on a batch of inputs with one deadline for the whole batch.
 
 Two ways to run the calls (`ISOLATION`):
-- "none": threads of the calling process. A call still running at the deadline is abandoned, not
-  stopped (Python cannot stop a thread): it keeps running, and a crash in it kills the process.
+- "none": threads of the calling process. A call still running at the deadline is interrupted the
+  only way Python allows: an exception raised in its thread, which takes effect at its next Python
+  bytecode. A call blocked inside C (a sleep, a socket read, a long regex match) keeps running until
+  that returns; a crash in it kills the process.
 - "process": a small pool of worker processes, started once and reused. A worker still running at
   the deadline is killed with whatever it started, and so is one that crashed; each is replaced.
 
@@ -77,40 +79,59 @@ def _timed_out(timeout_s: float, where: str) -> Outcome:
     return Outcome(error=f"timed out after {timeout_s:g}s ({where})", timed_out=True)
 
 
+class DeadlinePassed(BaseException):
+    """Raised inside a reward thread whose batch is past its deadline (a BaseException: `except Exception`
+    in user code does not swallow it)."""
+
+
+def _interrupt(thread_id: int) -> None:
+    """Raise DeadlinePassed in another thread at its next bytecode (CPython's PyThreadState_SetAsyncExc)."""
+    import ctypes  # here, not at the top: worker processes import this module and stay lean
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(DeadlinePassed))
+
+
 class _ThreadBatch:
     """One batch shared by a few threads, each taking the next call until none is left or time is up."""
 
     def __init__(self, fn: Callable, calls: Sequence[Call]):
         self.fn, self.calls = fn, calls
         self.todo = iter(range(len(calls)))
+        self.running: dict[int, int] = {}   # call index -> thread id, while the call runs
         self.started: set[int] = set()
         self.outcomes: dict[int, Outcome] = {}
         self.lock, self.done, self.open = threading.Lock(), threading.Event(), True
 
     def work(self) -> None:
-        while True:
-            with self.lock:
-                index = next(self.todo, None) if self.open else None
-                if index is None:
-                    return
-                self.started.add(index)
-            outcome = call(self.fn, *self.calls[index])
-            with self.lock:
-                self.outcomes[index] = outcome
-                if len(self.outcomes) == len(self.calls):
-                    self.done.set()
+        with suppress(DeadlinePassed):   # delivered late, between two calls: the thread just ends
+            while True:
+                with self.lock:
+                    index = next(self.todo, None) if self.open else None
+                    if index is None:
+                        return
+                    self.started.add(index)
+                    self.running[index] = threading.get_ident()
+                outcome = call(self.fn, *self.calls[index])
+                with self.lock:
+                    del self.running[index]
+                    self.outcomes[index] = outcome
+                    if len(self.outcomes) == len(self.calls):
+                        self.done.set()
 
     def close(self, timeout_s: float) -> list[Outcome]:
+        """The outcomes at the deadline; calls still running are interrupted (see the module docstring)."""
         with self.lock:
             self.open = False
-            still_running = _timed_out(timeout_s, "still running in a thread of this process, which cannot "
-                                                  "stop it; isolation=process kills it")
+            for thread_id in self.running.values():
+                _interrupt(thread_id)
+            still_running = _timed_out(timeout_s, "interrupted in its thread; code blocked in C runs on until it "
+                                                  "returns, isolation=process kills it")
             waiting = _timed_out(timeout_s, "not started: every worker was busy")
             return [self.outcomes.get(i, still_running if i in self.started else waiting)
                     for i in range(len(self.calls))]
 
 
-@ISOLATION.register("none", summary="threads of the training process: a crash kills it, a hang keeps running")
+@ISOLATION.register("none", summary="threads of the training process: a crash kills it, a hang is interrupted")
 class InProcess:
     def __init__(self, fn: Callable, *, workers: int = 4, memory_mb: int | None = None):
         if memory_mb is not None:

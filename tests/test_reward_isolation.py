@@ -81,8 +81,29 @@ def test_hanging_samples_in_process_share_one_deadline_instead_of_one_each():
         release.set()
     assert elapsed < 8 * 0.5 / 2                 # one timeout per sample, one after another, took 4 s
     assert scores.failed.all() and source.stats.timeouts == 8
-    assert "still running in a thread of this process" in source.stats.examples[0]
+    assert "interrupted in its thread" in source.stats.examples[0]
     assert "not started" in source.stats.examples[-1]
+
+
+def test_a_call_looping_in_python_is_stopped_at_the_deadline_in_process():
+    laps = []
+
+    def loops(prompt, completion, reference):
+        while True:
+            laps.append(1)
+            if len(laps) > 10**9:
+                return 0.0
+
+    source = RuleReward(loops, timeout_s=0.3, workers=2)
+    scores = source.score(["p"] * 2, ["c"] * 2)
+    assert scores.failed.all() and source.stats.timeouts == 2
+    deadline = time.monotonic() + 5
+    while any(t.name == "alignkit-reward" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "alignkit-reward" for t in threading.enumerate()), "no thread runs user code on"
+    count = len(laps)
+    time.sleep(0.2)
+    assert len(laps) == count
 
 
 def test_crashes_and_hangs_in_worker_processes_are_failed_scores_and_the_workers_are_replaced(rewards, tmp_path):

@@ -7,8 +7,8 @@ Each sample is scored on its own, so one bad sample never loses the others. Poli
 - `on_error="score"` (default) gives a failure `failure_score` and counts it (with the first
   messages kept in `stats.examples`); `on_error="raise"` stops with a RewardError naming the sample.
 Where the calls run is `isolation` (alignkit/isolation.py): threads of this process ("none": a hang
-is abandoned but keeps running, a crash kills training) or worker processes ("process": killed and
-replaced on a timeout or a crash).
+is interrupted at its next Python bytecode, a crash kills training) or worker processes ("process":
+killed and replaced on a timeout or a crash).
 """
 
 from __future__ import annotations
