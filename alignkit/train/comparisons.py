@@ -29,7 +29,7 @@ from alignkit import distributed
 from alignkit.algorithms.selfplay import ComparisonInputs, comparison_loss, loss_entry
 from alignkit.data.tokenize import Encoded
 from alignkit.models.logprobs import completion_logprobs
-from alignkit.rollout import GENERATORS
+from alignkit.rollout.hf import TransformersGenerator
 from alignkit.rollout.mixture import GeometricMixture
 from alignkit.train.experience import PhaseTimer, sampling_seed, score_completions
 from alignkit.train.loop import Loop
@@ -127,26 +127,23 @@ class ComparisonMethod(OnlineMethod):
     def _sample(self, ids: list[int], salt: int, generator, timer: PhaseTimer):
         g = self.cfg.group_size
         seeds = [sampling_seed(self.seed, self.round, salt, k * g + j) for k in ids for j in range(g)]
-        engine, self.collector.generator = self.collector.generator, generator
-        try:
-            with timer("generate"):
-                return self.collector.generate(self.policy, [self.collector.prompts[i].prompt for i in ids
-                                                             for _ in range(g)], self.sampling, seeds)
-        finally:
-            self.collector.generator = engine
+        prompts = [self.collector.prompts[i].prompt for i in ids for _ in range(g)]
+        with timer("generate"):
+            return self.collector.generate(self.policy, prompts, self.sampling, seeds, generator)
 
     def _generator(self, model):
-        if type(self.generator).__name__ != "TransformersGenerator":
+        """A rollout engine on `model` (the fixed reference, Nash-MD's mixture) next to the policy's."""
+        if not isinstance(self.generator, TransformersGenerator):
             raise ValueError("sampling from the reference or the mixture needs rollout.backend=transformers")
-        return GENERATORS.call("transformers", model, self.tokenizer)
+        return TransformersGenerator(model, self.tokenizer)
 
     def build_round(self, timer: PhaseTimer) -> dict:
         """This round's comparisons on every rank, and its statistics."""
         everyone = self.collector.next_prompts(self.round_prompts)
         positions = distributed.shard_of(list(range(self.round_prompts)))
         ids = [everyone[k] for k in positions]
-        sampler = {"policy": self.generator, "reference": None, "mixture": self.generator}[self.comparisons.sampler]
-        completions = self._sample(ids, 0, sampler or self._generator(self.initial), timer)
+        engine = self._generator(self.initial) if self.comparisons.sampler == "reference" else self.generator
+        completions = self._sample(ids, 0, engine, timer)
         g = self.cfg.group_size
         records = [self.collector.records[i] for i in ids]
         groups = [JudgedGroup(self.collector.prompts[i].prompt, [c.token_ids for c in completions[k * g:(k + 1) * g]])
@@ -364,7 +361,7 @@ class ComparisonMethod(OnlineMethod):
 
     def _micro_loss(self, chunk: list[Comparison | None], loop: Loop) -> tuple[Tensor, dict]:
         real = torch.tensor([item is not None for item in chunk], dtype=torch.float32)
-        filled = [item if item is not None else next(i for i in self.items) for item in chunk]
+        filled = [item if item is not None else self.items[0] for item in chunk]   # padding: weight 0
         pair = self.loss_kind() == "pair"
         encoded = [Encoded(i.prompt, i.chosen) for i in filled] + \
             ([Encoded(i.prompt, i.rejected) for i in filled] if pair else [])

@@ -121,11 +121,13 @@ class Collector:
             self.cursor += len(take)
         return out
 
-    def generate(self, policy, prompts: list[list[int]], sampling: SamplingConfig, seeds) -> list[Completion]:
+    def generate(self, policy, prompts: list[list[int]], sampling: SamplingConfig, seeds,
+                 generator=None) -> list[Completion]:
+        """Completions from `generator` (default: the policy's rollout engine), the policy in eval mode meanwhile."""
         was_training = policy.training
         policy.eval()
         try:
-            return self.generator.generate(prompts, sampling, seed=seeds)
+            return (generator or self.generator).generate(prompts, sampling, seed=seeds)
         finally:
             policy.train(was_training)
 
