@@ -4,7 +4,8 @@ One seed each, at settings found by a short sweep; the comments give what was me
 one-sample accuracy on 200 out-of-distribution prompts, from 0.195 and 0.105). Two run in the default
 suite; the rest are `slow` (`python -m pytest -m slow tests/test_self_improvement_learning.py`).
 CREAM's test runs on the synthetic language task: on arithmetic, ranking by its own implicit reward
-collapses the model to empty answers (docs/self_improvement.md).
+collapses the model to empty answers. Self-rewarding-lm has none: no self-judged run learned
+(docs/self_improvement.md; tests/test_self_rewarding_learning.py checks its judge after IFT + EFT).
 """
 
 import copy
