@@ -208,3 +208,14 @@ def test_cream_logs_the_consistency_of_its_rankings(tmp_path):
     rounds = [r for r in rows(result.run.path) if "train/comparisons" in r]
     assert rounds[0]["train/comparison/consistency"] == 1.0   # no previous ranking in the first round
     assert 0 <= rounds[1]["train/comparison/consistency"] <= 1
+
+
+def test_the_api_examples_of_the_loops_resolve_their_keywords(tmp_path):
+    prompts = [{"prompt": f"{a}+{b}=", "reference": str(a + b)} for a in range(4) for b in range(4)]
+    judge = RewardComparison(RuleReward(length))
+    result = alignkit.RL("iterative-dpo", data=prompts, judge=judge, steps_per_round=2, loss_options={"beta": 0.2},
+                         steps=2, prompts_per_step=4, max_new_tokens=4, output_dir=str(tmp_path),
+                         progress=False).train()
+    config = (result.run_dir / "config.yaml").read_text()
+    assert "steps_per_round: 2" in config and "beta: 0.2" in config
+    assert [r["train/round"] for r in rows(result.run_dir) if "train/comparisons" in r] == [0]
