@@ -219,3 +219,18 @@ def test_the_api_examples_of_the_loops_resolve_their_keywords(tmp_path):
     config = (result.run_dir / "config.yaml").read_text()
     assert "steps_per_round: 2" in config and "beta: 0.2" in config
     assert [r["train/round"] for r in rows(result.run_dir) if "train/comparisons" in r] == [0]
+
+
+def test_answers_whose_score_failed_are_never_ranked(tmp_path):
+    def even_only(prompt, completion, reference):
+        return float(len(completion)) if len(completion) % 2 == 0 else None   # odd lengths: a failed score
+
+    cfg = loop_config(tmp_path, "iterative-dpo", steps=1, comparisons={"steps_per_round": 1, "rule": "all-pairs"},
+                      group_size=4, max_failure_rate=1.0)
+    cfg.rollout.max_new_tokens = 6
+    tokenizer = tiny_tokenizer()
+    result = run_rl(cfg, model=tiny_model(), tokenizer=tokenizer, reward=RuleReward(even_only))
+    assert result.method.reward.stats.failures > 0 and result.method.items
+    for item in result.method.items:
+        for answer in (item.chosen, item.rejected):
+            assert len(tokenizer.decode(answer, skip_special_tokens=True)) % 2 == 0

@@ -175,6 +175,8 @@ class ComparisonMethod(OnlineMethod):
                 **self._consistency(groups), **self._cache_hits()}
 
     def _build(self, group: JudgedGroup, rng: random.Random) -> list[Comparison]:
+        if not group.answers:   # every score failed
+            return []
         items = PAIR_RULES.call(self.comparisons.rule, group, rng, **self.comparisons.rule_options)
         if self.comparisons.consistency != "none":
             for item in items:
@@ -191,9 +193,12 @@ class ComparisonMethod(OnlineMethod):
         g = self.cfg.group_size
         expanded = [r for r in records for _ in range(g)]
         if self.reward is not None:
-            scores = score_completions(self.reward, expanded, completions).values.float().cpu().view(-1, g)
-            for group, row in zip(groups, scores, strict=True):
+            scored = score_completions(self.reward, expanded, completions)
+            failed = scored.failure_mask().cpu().view(-1, g)
+            for group, row, lost in zip(groups, scored.values.float().cpu().view(-1, g), failed, strict=True):
                 group.scores, group.wins = row, win_matrix(row)
+                if lost.any():
+                    group.drop(lost)
             self._score_references(groups, records)
             return
         pairs = [(i, j) for i in range(g) for j in range(i + 1, g)]

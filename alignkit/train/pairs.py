@@ -45,6 +45,12 @@ class JudgedGroup:
     alternative_wins: Tensor | None = None                          # [G] P(answer i beats its alternative)
     consistency: float = 1.0               # CREAM: agreement of this ranking with the previous iterate's
 
+    def drop(self, lost: Tensor) -> None:
+        """Leave out the answers whose score failed: a failure score is no evidence to rank by."""
+        keep = (~lost).nonzero().flatten()
+        self.answers = [self.answers[i] for i in keep.tolist()]
+        self.scores, self.wins = self.scores[keep], self.wins[keep][:, keep]
+
 
 def win_matrix(scores: Tensor) -> Tensor:
     """Bradley-Terry P(i beats j) = sigmoid(s_i - s_j) from scalar scores."""
