@@ -1,12 +1,15 @@
 """Per-token log-probabilities of given tokens, without a float32 [batch, time, vocab] tensor.
 
 The language-model head is applied only at the positions whose next token is scored (completion
-tokens), in chunks of rows; the backward pass recomputes each chunk's softmax instead of keeping
-the logits. Peak extra memory is one chunk of [rows, vocab] instead of the whole batch's logits.
+tokens), in tiles of [rows, vocabulary slice]: the forward pass keeps a running log-sum-exp over the
+vocabulary slices, the backward pass recomputes each tile's softmax instead of keeping the logits.
+Each tile writes its slice of the head's gradient once per block of rows, so the gradient of a large
+vocabulary is not re-read for every few rows. Peak extra memory is one tile of float32 logits.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -15,11 +18,16 @@ from torch import Tensor, nn
 from alignkit.data.tokenize import Encoded, collate
 from alignkit.distributed import forward_call
 
-CHUNK_BYTES = 4 * 2**20  # float32 logits held at once per chunk
+CHUNK_BYTES = 4 * 2**20  # float32 logits held at once: one tile
+ROW_BLOCK = 1024  # rows per tile at most; the vocabulary slice takes the rest of CHUNK_BYTES
 
 
-def _chunk_rows(vocab: int) -> int:
-    return max(1, CHUNK_BYTES // (4 * vocab))
+def _tiles(rows: int, vocab: int) -> list[tuple[slice, slice]]:
+    """(rows, vocabulary slice) of every tile, the vocabulary inner."""
+    height = max(1, min(rows, ROW_BLOCK))
+    width = max(1, min(vocab, CHUNK_BYTES // (4 * height)))
+    return [(slice(r, r + height), slice(v, v + width))
+            for r in range(0, rows, height) for v in range(0, vocab, width)]
 
 
 def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -29,48 +37,69 @@ def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor
     return logits.float()
 
 
+def _tile_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, rows: slice, cols: slice) -> Tensor:
+    return _chunk_logits(hidden[rows], weight[cols], None if bias is None else bias[cols])
+
+
+def _in_tile(targets: Tensor, cols: slice) -> tuple[Tensor, Tensor]:
+    """Rows whose target falls in the vocabulary slice, and the target's column within it."""
+    local = targets - cols.start
+    rows = ((local >= 0) & (local < cols.stop - cols.start)).nonzero().squeeze(1)
+    return rows, local[rows]
+
+
 class _TokenLogprob(torch.autograd.Function):
-    """log softmax(hidden @ W.T + b)[target] row by row, chunked in forward and backward.
+    """log softmax(hidden @ W.T + b)[target] row by row, tiled in forward and backward.
 
     With `want_entropy` it also returns each row's entropy (no gradient), nearly free from the same logits.
+    The backward pass runs under the forward's autocast state.
     """
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
                 want_entropy: bool = False) -> tuple[Tensor, Tensor]:
-        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        entropy = torch.zeros_like(out)
-        step = _chunk_rows(weight.shape[0])
-        for start in range(0, hidden.shape[0], step):
-            logits = _chunk_logits(hidden[start:start + step], weight, bias)
-            picked = logits.gather(1, targets[start:start + step, None]).squeeze(1)
-            normaliser = logits.logsumexp(dim=1)
-            out[start:start + step] = picked - normaliser
+        n = hidden.shape[0]
+        top = torch.full((n,), -torch.inf, device=hidden.device)
+        total, weighted, picked = (torch.zeros(n, device=hidden.device) for _ in range(3))
+        for rows, cols in _tiles(n, weight.shape[0]):
+            logits = _tile_logits(hidden, weight, bias, rows, cols)
+            new_top = torch.maximum(top[rows], logits.max(1).values)
+            shrink = torch.exp(top[rows] - new_top)
+            exp = torch.exp(logits - new_top[:, None])
+            total[rows] = total[rows] * shrink + exp.sum(1)
             if want_entropy:
-                entropy[start:start + step] = normaliser - (torch.softmax(logits, dim=1) * logits).sum(1)
-        ctx.save_for_backward(hidden, weight, bias, targets)
+                weighted[rows] = weighted[rows] * shrink + (exp * logits).sum(1)
+            top[rows] = new_top
+            hit, column = _in_tile(targets[rows], cols)
+            picked[rows][hit] = logits[hit, column]
+        normaliser = top + total.log()
+        entropy = normaliser - weighted / total if want_entropy else torch.zeros_like(total)
+        device = hidden.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        ctx.save_for_backward(hidden, weight, bias, targets, normaliser)
         ctx.mark_non_differentiable(entropy)
-        return out, entropy
+        return picked - normaliser, entropy
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_entropy: Tensor):
-        hidden, weight, bias, targets = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden)
+        hidden, weight, bias, targets, normaliser = ctx.saved_tensors
+        device, dtype, enabled = ctx.autocast
+        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None else None
-        step = _chunk_rows(weight.shape[0])
-        for start in range(0, hidden.shape[0], step):
-            rows = slice(start, start + step)
-            logits = _chunk_logits(hidden[rows], weight, bias)
-            # d/dlogits of log softmax[target] = onehot(target) - softmax
-            grad_logits = torch.softmax(logits, dim=1).mul_(-grad_out[rows, None])
-            grad_logits.scatter_add_(1, targets[rows, None], grad_out[rows, None])
-            grad_hidden[rows] = (grad_logits @ weight.float()).to(hidden.dtype)
-            grad_weight.addmm_(grad_logits.T, hidden[rows].float())
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
+        with torch.autocast(device, dtype=dtype) if enabled else nullcontext():
+            for rows, cols in _tiles(hidden.shape[0], weight.shape[0]):
+                logits = _tile_logits(hidden, weight, bias, rows, cols)
+                # d/dlogits of log softmax[target] = onehot(target) - softmax
+                grad_logits = torch.exp(logits - normaliser[rows, None]).mul_(-grad_out[rows, None])
+                hit, column = _in_tile(targets[rows], cols)
+                grad_logits[hit, column] += grad_out[rows][hit]
+                grad_hidden[rows] += grad_logits @ weight[cols].float()
+                grad_weight[cols] += grad_logits.T @ hidden[rows].float()
+                if grad_bias is not None:
+                    grad_bias[cols] += grad_logits.sum(0)
         grad_bias = grad_bias.to(bias.dtype) if grad_bias is not None else None
-        return grad_hidden, grad_weight.to(weight.dtype), grad_bias, None, None
+        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), grad_bias, None, None
 
 
 def _base_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
