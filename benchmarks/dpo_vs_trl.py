@@ -1,36 +1,46 @@
-"""DPO throughput and peak memory: alignkit against TRL's DPOTrainer, side by side, on CPU in fp32.
+"""DPO throughput and peak memory: alignkit against TRL's DPOTrainer, side by side, on CPU.
 
-    python benchmarks/dpo_vs_trl.py --steps 20 --batch-size 8 --prompt-chars 64 --answer-chars 64
+    python benchmarks/dpo_vs_trl.py --model smollm2-135m --threads 1 2 --precision fp32 bf16 --repeats 3
 
-Both tools train the same Llama-style model (about 4.2M parameters, 32k vocabulary, saved once
-and loaded by each run) on the same synthetic preference pairs, with the same batch size, steps,
-learning rate (constant, no warmup), beta, gradient clipping and AdamW, in fp32 without gradient
-checkpointing, evaluation or checkpointing (alignkit always writes one final checkpoint; that
-is counted against it). The training set holds exactly steps x batch-size pairs, so each tool
-sees every pair exactly once.
+Both tools train the same model (benchmarks/shapes.py: `micro`, `50m` or `smollm2-135m`, saved once
+and loaded by each run in fp32) on the same synthetic preference pairs (random characters, lengths
+given in the model's tokens), with the same batch size, steps, learning rate (constant, no warmup),
+beta, gradient clipping and AdamW, without gradient checkpointing, evaluation or intermediate
+checkpoints. Both write the final weights inside the timed job and neither writes the optimizer state:
+TRL's `trainer.save_model()` after `train()`, alignkit its final checkpoint and exported model with
+train.save_final_optimizer=false (alignkit writes the weights twice, in its checkpoint and as a
+Hugging Face folder; that is counted against it). Numerics are equal:
+`fp32` runs both in float32; `bf16` runs both under bf16 autocast with float32 weights (alignkit
+train.precision=bf16, TRL bf16=True). The training set holds exactly steps x batch-size pairs.
 
 Each configuration runs in its own fresh subprocess:
   alignkit        alignkit.train.train(cfg, "preference"); reference log-probs precomputed (default)
   trl-default     DPOTrainer with a reference copy, reference forward at every step (TRL's default)
   trl-precompute  DPOTrainer with precompute_ref_log_probs=True
+  alignkit-baseline  alignkit as found in --alignkit-baseline DIR, to measure a change of alignkit's
+                  own against an earlier commit's source:
+                  `mkdir /tmp/before && git archive HEAD~1 alignkit | tar -x -C /tmp/before`
 
 Measured per run:
-  tokens/s   prompt+chosen plus prompt+rejected tokens (BOS and EOS included, padding not) of
-             all pairs, divided by the wall time of the whole job: data loading and tokenization,
-             the reference pass, the training steps and (alignkit) the final save. Imports,
-             building the model and writing the data file are outside the timed region.
-  peak RSS   ru_maxrss of the process. Every child imports the same modules (torch, transformers,
-             datasets, trl, alignkit) and loads the model the same way, so the baselines match;
-             the RSS at the start of the timed region is reported as well.
-  losses     first and last training-step loss (both should start at ln 2 = 0.6931). TRL logs
-             every step to an in-memory callback for this (nothing printed or reported); alignkit
-             writes its usual metrics line per step.
-  other load cores that other processes kept busy during the run. With 2 threads on 2 cores any
-             outside load stalls every parallel op, so such runs are flagged; --repeats N runs the
-             tools round-robin N times and keeps each one's fastest run.
+  job tokens/s   prompt+chosen plus prompt+rejected tokens (BOS and EOS included, padding not) of
+                 all pairs, divided by the wall time of the whole training job: data loading and
+                 tokenization, the reference pass, the steps and the final save. Imports
+                 and loading the model are outside (`process_s` in the JSON includes them).
+  loop tokens/s  the same tokens over the step loop alone: alignkit from the start of its first step
+                 to the end of its last, TRL from on_train_begin to its last on_step_end (its
+                 per-step reference forward, for trl-default, is inside). The JSON splits the rest
+                 into setup_s (before the loop: tokenizing, the reference pass) and finish_s (after
+                 it: the final save; alignkit's evaluation and TRL's end-of-training callbacks).
+  peak RSS       ru_maxrss of the process (same imports and model load in every child).
+  losses         first and last training-step loss (both should start at ln 2 = 0.6931).
+  other load     cores that other processes kept busy during the run.
 
-Writes a table to stdout and, with --out, the same rows (plus every run) as JSON. The defaults
-take about 3.5 minutes on an idle 2-core machine, nearly all of it TRL's.
+Every configuration (--threads x --precision) and tool runs --repeats times, interleaved: each
+repeat runs every configuration's tools back to back before the next repeat starts. The table shows
+each tool's median figures, and alignkit's speed-up as the median over repeats of alignkit's tokens/s
+over the other tool's in the same repeat, with its range. Writes the table to stdout and, with
+--out, the settings, the summary and every run as JSON. TRL must be installed in the interpreter
+that runs this script (`pip install trl`), and alignkit importable from it.
 """
 
 from __future__ import annotations
@@ -40,82 +50,111 @@ import json
 import math
 import os
 import random
-import string
+import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import isolated
+import shapes
 from isolated import ENV, rss_mib
 
-TOOLS = ("alignkit", "trl-default", "trl-precompute")
-TARGET_SPEEDUP = 1.5
+TOOLS = ("alignkit", "alignkit-baseline", "trl-default", "trl-precompute")
+PRECISIONS = ("fp32", "bf16")
 MAX_OTHER_LOAD = 0.2  # cores kept busy by other processes before a run counts as disturbed
-MODEL_SIZE = {"vocab_size": 32000, "hidden_size": 64, "intermediate_size": 256, "num_layers": 2}
-ALPHABET = string.ascii_letters + string.digits + " " * 8 + ".,"
 
 
 # ----- settings shared by both tools -----
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=list(shapes.MODELS), default="micro", help="benchmarks/shapes.py")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=8, help="preference pairs per step")
-    parser.add_argument("--prompt-chars", type=int, default=64, help="mean prompt length (1 char = 1 token)")
-    parser.add_argument("--answer-chars", type=int, default=64, help="mean chosen/rejected length")
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="mean prompt length, in the model's tokens")
+    parser.add_argument("--answer-tokens", type=int, default=64, help="mean chosen/rejected length")
     parser.add_argument("--length-jitter", type=float, default=0.25,
                         help="lengths are uniform in mean*(1 +- jitter); 0 gives fixed lengths")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every run")
+    parser.add_argument("--threads", type=int, nargs="+", default=[2], help="torch threads; several: one "
+                        "configuration each")
+    parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["fp32"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="run the tools round-robin this many times and keep each one's fastest run")
-    parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
-    parser.add_argument("--out", type=Path, help="write the result rows as JSON here")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved runs of every configuration and tool")
+    parser.add_argument("--tools", nargs="+", choices=TOOLS, default=["alignkit", "trl-default", "trl-precompute"])
+    parser.add_argument("--alignkit-baseline", type=Path, metavar="DIR",
+                        help="the source tree of tool alignkit-baseline (a folder holding alignkit/)")
+    parser.add_argument("--out", type=Path, help="write the settings, summary and every run as JSON here")
     parser.add_argument("--workdir", type=Path, help="keep model, data and run folders here (default: temp)")
     parser.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
-def random_text(rng: random.Random, mean: int, jitter: float) -> str:
-    low, high = max(1, round(mean * (1 - jitter))), max(1, round(mean * (1 + jitter)))
-    return "".join(rng.choice(ALPHABET) for _ in range(rng.randint(low, high)))
-
-
-def make_records(n: int, args: argparse.Namespace) -> list[dict]:
+def make_records(n: int, args: argparse.Namespace, chars_per_token: float) -> list[dict]:
     rng = random.Random(args.seed)
-    return [{"prompt": random_text(rng, args.prompt_chars, args.length_jitter),
-             "chosen": random_text(rng, args.answer_chars, args.length_jitter),
-             "rejected": random_text(rng, args.answer_chars, args.length_jitter)} for _ in range(n)]
+
+    def text(tokens: int) -> str:
+        return shapes.random_text(rng, tokens * chars_per_token, args.length_jitter).strip() or "x"
+
+    # A prompt ends in a newline after a visible character and an answer starts with one: BPE tokenizers merge
+    # no token across that, so tokenizing prompt and answer apart (alignkit) gives the same tokens as
+    # tokenizing them together (TRL); check_boundaries makes sure.
+    return [{"prompt": text(args.prompt_tokens) + "\n", "chosen": text(args.answer_tokens),
+             "rejected": text(args.answer_tokens)} for _ in range(n)]
 
 
-def length_limits(records: list[dict]) -> tuple[int, int]:
+def check_boundaries(records: list[dict], tokenizer) -> None:
+    """Both tools must train on the same tokens; TRL tokenizes prompt+answer in one piece."""
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    for r in records:
+        for answer in (r["chosen"], r["rejected"]):
+            if ids(r["prompt"]) + ids(answer) != ids(r["prompt"] + answer):
+                raise RuntimeError(f"tokens merge across the prompt/answer boundary of {r['prompt']!r}")
+
+
+def length_limits(records: list[dict], tokenizer) -> tuple[int, int]:
     """(max_length, max_prompt_length) in tokens, with room to spare: nothing gets truncated."""
-    prompt = max(len(r["prompt"]) for r in records) + 1  # + BOS
-    answer = max(max(len(r["chosen"]), len(r["rejected"])) for r in records) + 1  # + EOS
+    def longest(texts):
+        return max(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+
+    prompt = longest([r["prompt"] for r in records]) + 1  # + BOS
+    answer = max(longest([r["chosen"] for r in records]), longest([r["rejected"] for r in records])) + 1  # + EOS
     return prompt + answer + 8, prompt + 4
 
 
 def prepare(args: argparse.Namespace, workdir: Path) -> dict:
-    """Save the model and tokenizer once, write the data file; return the spec every child reads."""
-    from alignkit.models import tiny_model, tiny_tokenizer
+    """Save the model and tokenizer once, write the data file; return what every configuration shares."""
+    from transformers import AutoTokenizer
 
-    model = tiny_model(**MODEL_SIZE, seed=args.seed)
-    model.save_pretrained(workdir / "model")
-    tiny_tokenizer(vocab_size=MODEL_SIZE["vocab_size"]).save_pretrained(workdir / "model")
-    records = make_records(args.steps * args.batch_size, args)
+    model = shapes.save_model(args.model, workdir / "model", args.seed)
+    records = make_records(args.steps * args.batch_size, args, model["chars_per_token"])
     data = workdir / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    max_length, max_prompt_length = length_limits(records)
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    check_boundaries(records, tokenizer)
+    max_length, max_prompt_length = length_limits(records, tokenizer)
     return {
-        "model": str(workdir / "model"), "data": str(data), "workdir": str(workdir),
-        "params": sum(p.numel() for p in model.parameters()),
+        "model_name": args.model, "model": str(workdir / "model"), "data": str(data), "workdir": str(workdir),
+        "params": model["params"], "vocab_size": model["vocab_size"],
         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "beta": args.beta,
-        "max_grad_norm": args.max_grad_norm, "threads": args.threads, "seed": args.seed,
+        "max_grad_norm": args.max_grad_norm, "seed": args.seed,
         "max_length": max_length, "max_prompt_length": max_prompt_length,
+        "alignkit_baseline": str(args.alignkit_baseline.resolve()) if args.alignkit_baseline else None,
     }
+
+
+def configurations(shared: dict, args: argparse.Namespace) -> list[dict]:
+    return [{**shared, "threads": threads, "precision": precision}
+            for threads in args.threads for precision in args.precision]
+
+
+def label(spec: dict) -> str:
+    return f"{spec['model_name']}, {spec['threads']} thread{'s' * (spec['threads'] > 1)}, {spec['precision']}"
 
 
 # ----- inside one child process -----
@@ -150,8 +189,6 @@ def read_records(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-
-
 def alignkit_config(spec: dict):
     from alignkit.config import build
     from alignkit.train import RunConfig
@@ -164,33 +201,45 @@ def alignkit_config(spec: dict):
         "loss": {"name": "dpo", "beta": spec["beta"]},
         "train": {"steps": spec["steps"], "batch_size": spec["batch_size"], "lr": spec["lr"],
                   "weight_decay": 0.0, "schedule": "constant", "warmup_steps": 0,
-                  "max_grad_norm": spec["max_grad_norm"], "precision": "fp32", "eval_every": 0,
-                  "save_every": 0, "seed": spec["seed"], "progress": False},
+                  "max_grad_norm": spec["max_grad_norm"], "precision": spec["precision"], "eval_every": 0,
+                  "save_every": 0, "save_final_optimizer": False, "seed": spec["seed"], "progress": False},
     })
 
 
+def time_steps(cls) -> list[float]:
+    """Wrap cls.train_step (timing only); the list holds the first step's start and the last one's end."""
+    stamps, step = [], cls.train_step
+
+    def timed(self, *args, **kwargs):
+        stamps[:1] = stamps[:1] or [time.perf_counter()]
+        out = step(self, *args, **kwargs)
+        stamps[1:] = [time.perf_counter()]
+        return out
+
+    cls.train_step = timed
+    return stamps
+
+
 def run_alignkit(spec: dict) -> dict:
+    import alignkit
     from alignkit.train import train
+    from alignkit.train.offline import OfflineMethod
 
     model, tokenizer, cfg = load_model(spec), load_tokenizer(spec), alignkit_config(spec)
+    stamps = time_steps(OfflineMethod)
     start_rss, start = rss_mib(), time.perf_counter()
     result = train(cfg, "preference", model=model, tokenizer=tokenizer)
     wall = time.perf_counter() - start
     log = result.run.metrics()
-    steps = [row for row in log if "train/loss" in row]
     truncated = next(row["truncated"] for row in log if row.get("event") == "data")
     if truncated:
         raise RuntimeError(f"alignkit truncated {truncated} sequences: raise the length limits")
     examples = result.method.objective.splits["train"]
-    step_s = [n / row["train/tokens_per_s"] for n, row in zip(_step_tokens(result), steps, strict=True)]
-    return {"tokens": sum(len(e) for e in examples), "wall_s": wall, "loop_s": sum(step_s),
-            "start_rss_mib": start_rss, "losses": [row["train/loss"] for row in steps]}
-
-
-def _step_tokens(result) -> list[int]:
-    """Tokens of each optimizer step, in the trainer's own data order."""
-    trainer, examples = result.method, result.method.objective.splits["train"]
-    return [sum(len(examples[i]) for i in trainer.batch_indices(step)) for step in range(trainer.total_steps)]
+    shutil.rmtree(result.run.path)  # a 135M run leaves half a gigabyte
+    return {"tokens": sum(len(e) for e in examples), "wall_s": wall, "loop_s": stamps[1] - stamps[0],
+            "setup_s": stamps[0] - start, "finish_s": start + wall - stamps[1], "start_rss_mib": start_rss,
+            "losses": [row["train/loss"] for row in log if "train/loss" in row],
+            "alignkit_source": str(Path(alignkit.__file__).parent)}
 
 
 def trl_config(spec: dict, precompute: bool):
@@ -198,7 +247,8 @@ def trl_config(spec: dict, precompute: bool):
 
     return DPOConfig(
         output_dir=str(Path(spec["workdir"]) / "trl"), report_to="none", use_cpu=True,
-        bf16=False, fp16=False, gradient_checkpointing=False,  # TRL defaults: bf16 and checkpointing on
+        bf16=spec["precision"] == "bf16", fp16=False,  # TRL's default is bf16 on
+        gradient_checkpointing=False,  # TRL's default is on
         learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         optim="adamw_torch", max_grad_norm=spec["max_grad_norm"], beta=spec["beta"], loss_type=["sigmoid"],
         per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1, max_steps=spec["steps"],
@@ -245,7 +295,9 @@ def run_trl(spec: dict, precompute: bool) -> dict:
                          processing_class=tokenizer, callbacks=[recorder])
     trainer.remove_callback(PrinterCallback)
     trainer.train()
+    trainer.save_model(str(Path(spec["workdir"]) / "trl" / "final"))
     wall = time.perf_counter() - start
+    shutil.rmtree(Path(spec["workdir"]) / "trl")
     data = trainer.train_dataset
     lengths = [len(p) + len(c) for p, c in zip(data["prompt_ids"], data["chosen_ids"], strict=True)]
     lengths += [len(p) + len(r) for p, r in zip(data["prompt_ids"], data["rejected_ids"], strict=True)]
@@ -253,86 +305,97 @@ def run_trl(spec: dict, precompute: bool) -> dict:
         raise RuntimeError("TRL truncated sequences: raise the length limits")
     if getattr(trainer, "_total_train_tokens", sum(lengths)) != sum(lengths):  # TRL's own count of trained tokens
         raise RuntimeError(f"TRL trained on {trainer._total_train_tokens} tokens, expected {sum(lengths)}")
-    return {"tokens": sum(lengths), "wall_s": wall,
-            "loop_s": recorder.end - recorder.begin, "start_rss_mib": start_rss, "losses": recorder.losses}
+    return {"tokens": sum(lengths), "wall_s": wall, "loop_s": recorder.end - recorder.begin,
+            "setup_s": recorder.begin - start, "finish_s": start + wall - recorder.end, "start_rss_mib": start_rss,
+            "losses": recorder.losses}
 
 
 def child_main(tool: str, spec_path: Path) -> None:
     def run(spec: dict) -> dict:
-        return run_alignkit(spec) if tool == "alignkit" else run_trl(spec, precompute=tool == "trl-precompute")
+        if tool.startswith("alignkit"):
+            return run_alignkit(spec)
+        return run_trl(spec, precompute=tool == "trl-precompute")
 
     isolated.child(tool, spec_path, import_stack, run)
 
 
-# ----- the parent: one subprocess per tool, then the table -----
-
-
-
-
-def launch(tool: str, spec_path: Path, workdir: Path) -> dict:
-    threads = json.loads(spec_path.read_text())["threads"]
-    row = isolated.launch(__file__, tool, spec_path, threads, workdir / f"{tool}.json")
-    row["tokens_per_s"] = row["tokens"] / row["wall_s"]
+# ----- the parent: one subprocess per run, then the table -----
+def launch(tool: str, spec_path: Path, spec: dict) -> dict:
+    env = {"PYTHONPATH": spec["alignkit_baseline"]} if tool == "alignkit-baseline" else {}
+    row = isolated.launch(__file__, tool, spec_path, spec["threads"], Path(spec["workdir"]) / f"{tool}.json", env)
+    row["job_tokens_per_s"] = row["tokens"] / row["wall_s"]
+    row["loop_tokens_per_s"] = row["tokens"] / row["loop_s"]
     return row
 
 
-def add_ratios(rows: list[dict]) -> None:
-    """speedup: alignkit tokens/s over this run's; memory: this run's peak RSS over alignkit's."""
-    base = next((r for r in rows if r["tool"] == "alignkit"), None)
-    for row in rows:
-        row["alignkit_speedup"] = base["tokens_per_s"] / row["tokens_per_s"] if base else None
-        row["rss_vs_alignkit"] = row["peak_rss_mib"] / base["peak_rss_mib"] if base else None
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def print_table(rows: list[dict], spec: dict) -> None:
-    print(f"model {spec['params'] / 1e6:.2f}M params, vocab {MODEL_SIZE['vocab_size']}; "
-          f"{spec['steps']} steps x {spec['batch_size']} pairs, lr {spec['lr']}, beta {spec['beta']}, "
-          f"fp32, {spec['threads']} threads; {rows[0]['tokens']} tokens per run\n")
-    header = (f"{'tool':<15}{'tokens/s':>10}{'wall s':>8}{'loop s':>8}{'peak RSS MiB':>14}{'start RSS':>11}"
-              f"{'alignkit x':>12}{'RSS/alignkit':>14}{'first loss':>12}{'final loss':>12}{'other load':>12}")
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        speed = f"{r['alignkit_speedup']:.2f}x" if r["alignkit_speedup"] else "-"
-        mem = f"{r['rss_vs_alignkit']:.2f}" if r["rss_vs_alignkit"] else "-"
-        print(f"{r['tool']:<15}{r['tokens_per_s']:>10.0f}{r['wall_s']:>8.1f}{r['loop_s']:>8.1f}"
-              f"{r['peak_rss_mib']:>14.0f}{r['start_rss_mib']:>11.0f}{speed:>12}{mem:>14}"
-              f"{r['losses'][0]:>12.4f}{r['losses'][-1]:>12.4f}{r['other_load']:>12.2f}")
-    print(f"\nalignkit x: alignkit's tokens/s over the row's (target {TARGET_SPEEDUP}x, RSS/alignkit >= 1).\n"
-          "loop s: the training steps alone; the rest of wall s is data preparation, the reference\n"
-          "pass (alignkit, trl-precompute) and alignkit's final save.\n"
-          "other load: cores that other processes kept busy meanwhile (should be near 0).\n"
-          f"Losses should start at ln 2 = {math.log(2):.4f}.\n")
+def summarise(runs: list[dict], spec: dict, tools) -> list[dict]:
+    """Per tool: its median figures, and alignkit's per-repeat ratios against it (median and range)."""
+    mine = [r for r in runs if r["config"] == label(spec)]
+    ours = {r["repeat"]: r for r in mine if r["tool"] == "alignkit"}
+    rows = []
+    for tool in tools:
+        theirs = [r for r in mine if r["tool"] == tool]
+        row = {"config": label(spec), "tool": tool, "runs": len(theirs), "tokens": theirs[0]["tokens"],
+               **{key: statistics.median(r[key] for r in theirs)
+                  for key in ("job_tokens_per_s", "loop_tokens_per_s", "peak_rss_mib", "wall_s", "loop_s")},
+               "first_loss": statistics.median(r["losses"][0] for r in theirs),
+               "final_loss": statistics.median(r["losses"][-1] for r in theirs),
+               "other_load": max(r["other_load"] for r in theirs)}
+        paired = [(ours[r["repeat"]], r) for r in theirs if r["repeat"] in ours]
+        if tool != "alignkit" and paired:
+            row["job_speedup"] = spread([a["job_tokens_per_s"] / t["job_tokens_per_s"] for a, t in paired])
+            row["loop_speedup"] = spread([a["loop_tokens_per_s"] / t["loop_tokens_per_s"] for a, t in paired])
+            row["rss_ratio"] = spread([a["peak_rss_mib"] / t["peak_rss_mib"] for a, t in paired])
+        rows.append(row)
+    return rows
 
 
-def verdicts(rows: list[dict]) -> list[str]:
-    out = []
-    for r in rows:
-        if r["tool"] != "alignkit" and r["alignkit_speedup"]:
-            met = r["alignkit_speedup"] >= TARGET_SPEEDUP and r["rss_vs_alignkit"] >= 1.0
-            out.append(f"alignkit vs {r['tool']}: {r['alignkit_speedup']:.2f}x the tokens/s, "
-                       f"{1 / r['rss_vs_alignkit']:.2f}x the peak RSS: target {'met' if met else 'NOT met'}")
-    busy = [r["tool"] for r in rows if r["other_load"] > MAX_OTHER_LOAD]
-    if busy:
-        out.append(f"warning: other processes kept {MAX_OTHER_LOAD}+ cores busy during {', '.join(busy)}; "
-                   "with 2 threads on 2 cores every parallel op then waits for a time slice: "
-                   "rerun on an idle machine")
-    return out
+def ratio(row: dict, key: str, digits: int = 2) -> str:
+    if key not in row:
+        return "-"
+    s = row[key]
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+
+def print_table(summary: list[dict], shared: dict, repeats: int) -> None:
+    print(f"\nmodel {shared['model_name']}: {shared['params'] / 1e6:.1f}M params, vocab {shared['vocab_size']}; "
+          f"{shared['steps']} steps x {shared['batch_size']} pairs, lr {shared['lr']}, beta {shared['beta']}; "
+          f"{summary[0]['tokens']} tokens per run; median of {repeats} interleaved run(s)\n")
+    header = ("| configuration | tool | job tokens/s | loop tokens/s | peak RSS MiB | alignkit x, job "
+              "| alignkit x, loop | alignkit RSS / tool's | first / final loss | other load |")
+    print(header + "\n" + "|---" * header.count(" | ") + "|---|")
+    for r in summary:
+        print(f"| {r['config']} | {r['tool']} | {r['job_tokens_per_s']:.0f} | {r['loop_tokens_per_s']:.0f} "
+              f"| {r['peak_rss_mib']:.0f} | {ratio(r, 'job_speedup')} | {ratio(r, 'loop_speedup')} "
+              f"| {ratio(r, 'rss_ratio')} | {r['first_loss']:.4f} / {r['final_loss']:.4f} | {r['other_load']:.2f} |")
+    print("\nalignkit x: alignkit's tokens/s over the row's, per repeat: median (range). job: the whole training\n"
+          "job; loop: the steps alone. alignkit RSS / tool's: below 1 is less memory for alignkit.\n"
+          f"Losses should start at ln 2 = {math.log(2):.4f}. other load: cores other processes kept busy "
+          f"(above {MAX_OTHER_LOAD}, a 2-thread run waits for time slices).")
 
 
 def run_all(args: argparse.Namespace, workdir: Path) -> tuple[dict, list[dict], list[dict]]:
-    """Every tool `repeats` times, round-robin; returns the spec, each tool's fastest run, all runs."""
-    spec = prepare(args, workdir)
-    runs = isolated.round_robin(spec, workdir, args.tools, args.repeats,
-                                lambda tool, spec_path: launch(tool, spec_path, workdir))
-    if len({r["tokens"] for r in runs}) != 1:
-        raise RuntimeError(f"token counts differ: {[(r['tool'], r['tokens']) for r in runs]}")
-    best = [max((r for r in runs if r["tool"] == t), key=lambda r: r["tokens_per_s"]) for t in args.tools]
-    return spec, best, runs
+    shared = prepare(args, workdir)
+    specs = configurations(shared, args)
+    runs = isolated.interleaved(specs, workdir, args.tools, args.repeats,
+                                lambda tool, spec_path, spec: {**launch(tool, spec_path, spec),
+                                                               "config": label(spec)})
+    for spec in specs:
+        counts = {r["tool"]: r["tokens"] for r in runs if r["config"] == label(spec)}
+        if len(set(counts.values())) != 1:
+            raise RuntimeError(f"token counts differ in {label(spec)}: {counts}")
+    summary = [row for spec in specs for row in summarise(runs, spec, args.tools)]
+    return shared, summary, runs
 
 
 def main() -> None:
     args = parse_args()
+    if ("alignkit-baseline" in args.tools) != bool(args.alignkit_baseline):
+        raise SystemExit("tool alignkit-baseline and --alignkit-baseline DIR go together")
     if args.child:
         child_main(args.child, args.spec)
         return
@@ -340,15 +403,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dpo_vs_trl-") as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        spec, rows, runs = run_all(args, workdir)
-    add_ratios(rows)
-    print_table(rows, spec)
-    notes = verdicts(rows)
-    print("\n".join(notes))
+        shared, summary, runs = run_all(args, workdir)
+    print_table(summary, shared, args.repeats)
     if args.out:
-        report = {"settings": {**spec, "repeats": args.repeats}, "rows": rows, "verdicts": notes,
-                  "all_runs": runs}
-        args.out.write_text(json.dumps(report, indent=2))
+        settings = {**shared, **isolated.git_state(), "threads": args.threads, "precision": args.precision,
+                    "repeats": args.repeats, "tools": args.tools}
+        args.out.write_text(json.dumps({"settings": settings, "summary": summary, "all_runs": runs}, indent=1))
 
 
 if __name__ == "__main__":
