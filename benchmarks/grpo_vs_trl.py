@@ -2,10 +2,12 @@
 
     python benchmarks/grpo_vs_trl.py --steps 30 --group-size 8 --prompts-per-step 8 --max-completion-length 8
 
-Both tools train the same Llama-style model (about 4.2M parameters, 32k vocabulary; the character
-tokenizer padded to 32k tokens, so the LM head is the expensive part) from the same weights: the
-random model after a short alignkit SFT on the built-in arithmetic task (single-digit sums), done
-once and saved, so the verifier reward starts neither at 0 nor at 1. Then GRPO, in each tool:
+Both tools train the same model (benchmarks/shapes.py; by default `micro`, about 4.2M parameters
+with a 32k vocabulary, the character tokenizer padded to 32k tokens, so the LM head is the expensive
+part: a vocabulary-head micro-benchmark) from the same weights: the model after a short alignkit SFT
+on the built-in arithmetic task (single-digit sums), done once and saved, so the verifier reward
+starts neither at 0 nor at 1 (`--sft-steps 0` takes the model as it is, for SmolLM2-135M). Then
+GRPO, in each tool:
 
   prompts      the task's training prompts ("3+4="), steps x prompts-per-step of them, the same list
                for both; the same tokens for both: BOS + prompt (alignkit's plain template; TRL gets
@@ -60,12 +62,12 @@ import time
 from pathlib import Path
 
 import isolated
+import shapes
 from isolated import ENV, rss_mib
 
 TOOLS = ("alignkit", "trl")
 TARGET_SPEEDUP = 2.0
 MAX_OTHER_LOAD = 0.2  # cores kept busy by other processes before a run counts as disturbed
-MODEL_SIZE = {"vocab_size": 32000, "hidden_size": 64, "intermediate_size": 256, "num_layers": 2}
 TASK = {"max_operand": 9}
 ADVANTAGE_EPS = 1e-4  # TRL's (r - mean) / (std + 1e-4); alignkit's grpo estimator takes eps as an option
 SAMPLES_PER_HELD_OUT = 32
@@ -74,6 +76,7 @@ SAMPLES_PER_HELD_OUT = 32
 # ----- settings shared by both tools -----
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=list(shapes.MODELS), default="micro", help="benchmarks/shapes.py")
     parser.add_argument("--steps", type=int, default=30, help="GRPO steps (one generation batch and one update each)")
     parser.add_argument("--group-size", type=int, default=8, help="completions per prompt (G)")
     parser.add_argument("--prompts-per-step", type=int, default=8)
@@ -132,10 +135,9 @@ def held_out_accuracy(model, tokenizer, max_new_tokens: int) -> dict:
 def prepare(args: argparse.Namespace, workdir: Path) -> dict:
     """SFT the random model once (or reuse a matching one in --workdir); return the spec every child reads."""
     from alignkit.config import build
-    from alignkit.models import tiny_model, tiny_tokenizer
     from alignkit.train import RunConfig, train
 
-    key = {"model": MODEL_SIZE, "task": TASK, "sft_steps": args.sft_steps, "sft_lr": args.sft_lr, "seed": args.seed}
+    key = {"model": args.model, "task": TASK, "sft_steps": args.sft_steps, "sft_lr": args.sft_lr, "seed": args.seed}
     saved, stamp = workdir / "sft-model", workdir / "sft-model" / "benchmark-sft.json"
     if stamp.exists() and json.loads(stamp.read_text())["key"] == key:
         info = json.loads(stamp.read_text())
@@ -145,23 +147,25 @@ def prepare(args: argparse.Namespace, workdir: Path) -> dict:
 
         torch.set_num_threads(args.threads)
         print(f"SFT: {args.sft_steps} steps ...", file=sys.stderr, flush=True)
-        model, tokenizer = tiny_model(**MODEL_SIZE, seed=args.seed), tiny_tokenizer(MODEL_SIZE["vocab_size"])
-        cfg = build(RunConfig, {
-            "output_dir": str(workdir / "sft-runs"),
-            "data": {"task": "arithmetic", "task_options": TASK, "task_size": 32 * args.sft_steps, "eval_size": 16,
-                     "seed": args.seed, "tokenize": {"template": "plain"}},
-            "train": {"steps": args.sft_steps, "batch_size": 32, "lr": args.sft_lr, "precision": "fp32",
-                      "seed": args.seed, "progress": False}})
+        model, tokenizer = shapes.MODELS[args.model](args.seed)
         started = time.perf_counter()
-        train(cfg, "sft", model=model, tokenizer=tokenizer)
+        if args.sft_steps:
+            cfg = build(RunConfig, {
+                "output_dir": str(workdir / "sft-runs"),
+                "data": {"task": "arithmetic", "task_options": TASK, "task_size": 32 * args.sft_steps,
+                         "eval_size": 16, "seed": args.seed, "tokenize": {"template": "plain"}},
+                "train": {"steps": args.sft_steps, "batch_size": 32, "lr": args.sft_lr, "precision": "fp32",
+                          "seed": args.seed, "progress": False}})
+            train(cfg, "sft", model=model, tokenizer=tokenizer)
         model.save_pretrained(saved)
         tokenizer.save_pretrained(saved)
         params = sum(p.numel() for p in model.parameters())
-        info = {"key": key, "sft_s": time.perf_counter() - started, "params": params,
+        info = {"key": key, "sft_s": time.perf_counter() - started, "params": params, "vocab_size": len(tokenizer),
                 "held_out": held_out_accuracy(model, tokenizer, args.max_completion_length)}
         stamp.write_text(json.dumps(info))
     return {
-        "model": str(saved), "workdir": str(workdir), "params": info["params"], "sft_held_out": info["held_out"],
+        "model_name": args.model, "vocab_size": info["vocab_size"], "model": str(saved), "workdir": str(workdir),
+        "params": info["params"], "sft_held_out": info["held_out"],
         "steps": args.steps, "group_size": args.group_size, "prompts_per_step": args.prompts_per_step,
         "max_completion_length": args.max_completion_length, "lr": args.lr, "sft_steps": args.sft_steps,
         "sft_lr": args.sft_lr, "threads": args.threads, "seed": args.seed,
@@ -375,7 +379,7 @@ def median_run(runs: list[dict], tool: str) -> dict:
 def table(rows: list[dict], spec: dict, repeats: int) -> str:
     base = next((r for r in rows if r["tool"] == "trl"), None)
     sft = spec["sft_held_out"]
-    lines = [f"model {spec['params'] / 1e6:.2f}M params, vocab {MODEL_SIZE['vocab_size']}; "
+    lines = [f"model {spec['model_name']}: {spec['params'] / 1e6:.2f}M params, vocab {spec['vocab_size']}; "
              f"{spec['steps']} steps x {spec['prompts_per_step']} prompts x G={spec['group_size']}, "
              f"max {spec['max_completion_length']} new tokens, lr {spec['lr']}, fp32, {spec['threads']} thread(s); "
              f"median of {repeats} run(s) per tool", f"SFT start: held-out greedy {sft['greedy']:.3f}, "
