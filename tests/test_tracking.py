@@ -4,6 +4,7 @@ import json
 import struct
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 
@@ -13,18 +14,23 @@ from alignkit.models import tiny_model_and_tokenizer
 from alignkit.train import Loop, RunConfig, train
 
 
-@pytest.fixture(scope="module")
-def tracker_home(tmp_path_factory):
-    """Every library offline and inside a temporary folder (trackio reads TRACKIO_DIR once, on import)."""
-    home = tmp_path_factory.mktemp("trackers")
+@contextmanager
+def offline_trackers(home, **env):
+    """Every library offline and inside `home` (trackio reads TRACKIO_DIR once, on import); `env` adds variables."""
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(home / "wandb"),
            "WANDB_CACHE_DIR": str(home / "wandb-cache"), "WANDB_CONFIG_DIR": str(home / "wandb-config"),
-           "TRACKIO_DIR": str(home / "trackio"), "HF_HUB_OFFLINE": "1"}
+           "TRACKIO_DIR": str(home / "trackio"), "HF_HUB_OFFLINE": "1", **env}
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         (home / "wandb").mkdir()
+        yield home
+
+
+@pytest.fixture(scope="module")
+def tracker_home(tmp_path_factory):
+    with offline_trackers(tmp_path_factory.mktemp("trackers")) as home:
         yield home
 
 

@@ -8,23 +8,14 @@ import pytest
 from alignkit.config import build
 from alignkit.models import tiny_model_and_tokenizer
 from alignkit.train import RunConfig, train
-from tests.test_tracking import _wandb_records
+from tests.test_tracking import _wandb_records, offline_trackers
 
 STEPS = [1, 2, 3, 4]
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    """Every library offline and in a folder of this module's own (trackio reads TRACKIO_DIR on import)."""
-    home = tmp_path_factory.mktemp("trackers-resume")
-    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(home / "wandb"),
-           "WANDB_CACHE_DIR": str(home / "wandb-cache"), "WANDB_CONFIG_DIR": str(home / "wandb-config"),
-           "TRACKIO_DIR": str(home / "trackio"), "TRACKIO_PROJECT": "resume", "HF_HUB_OFFLINE": "1"}
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        (home / "wandb").mkdir()
+    with offline_trackers(tmp_path_factory.mktemp("trackers-resume"), TRACKIO_PROJECT="resume") as home:
         yield home
 
 
